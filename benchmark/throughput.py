@@ -1,0 +1,125 @@
+"""Training throughput vs. raw environment stepping, measured in the same run.
+
+For each setting, alternately (so that the machine's noise hits both alike):
+  raw:   the same vector environments (same scenario, number of envs, sync/async) stepped with random actions
+         by a single process, no learning: the simulator's limit under that vectorization;
+  train: the script itself with those flags, its last logged `charts/SPS` (rollout, GAE and updates included).
+The table reports the medians over --repeats and their ratio (train / raw).
+
+    python benchmark/throughput.py --settings mpe-n3 mpe-n5 mpe-n3-paper mpe-n5-paper --repeats 3
+"""
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (script, flags); flags are the script's own, and the raw stepping reads the environment ones
+SETTINGS = {
+    "mpe-n3": ("lv_happo_mpe.py", ["--num-agents", "3"]),
+    "mpe-n5": ("lv_happo_mpe.py", ["--num-agents", "5"]),
+    "mpe-n3-paper": ("lv_happo_mpe.py", ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200"]),
+    "mpe-n5-paper": ("lv_happo_mpe.py", ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200"]),
+    "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
+    "mpe-n5-paper-async": (
+        "lv_happo_mpe.py",
+        ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200", "--vector-env", "async"],
+    ),
+}
+
+
+def script_args(script: str, flags: list):
+    module = __import__(Path(script).stem)
+    return module, module.parse_args(flags)
+
+
+def raw_sps(script: str, flags: list, steps: int) -> float:
+    """Joint steps per second of the script's vector env driven by random actions."""
+    module, args = script_args(script, flags)
+    env_fns = [
+        module.make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
+        for _ in range(args.num_envs)
+    ]
+    vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
+    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs.reset(seed=0)
+    envs.action_space.seed(0)
+    single = envs.single_action_space
+    rng = np.random.default_rng(0)
+    start, done = time.perf_counter(), 0
+    while done < steps:
+        if isinstance(single, gym.spaces.Box):  # the padded box is unbounded: sample the MPE action box [0, 1]
+            actions = rng.random((args.num_envs,) + single.shape, dtype=np.float32)
+        else:
+            actions = envs.action_space.sample()
+        envs.step(actions)
+        done += args.num_envs
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return done / elapsed
+
+
+def train_sps(script: str, flags: list, steps: int) -> float:
+    """The last charts/SPS the script logs in a run of `steps` joint steps."""
+    with tempfile.TemporaryDirectory() as cwd:
+        cmd = [sys.executable, str(ROOT / script), *flags, "--total-timesteps", str(steps), "--seed", "1"]
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        (run_dir,) = Path(cwd, "runs").iterdir()
+        accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        return accumulator.Scalars("charts/SPS")[-1].value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100_000, help="joint steps per measurement")
+    parser.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "throughput.csv"))
+    args = parser.parse_args()
+
+    rows = []
+    for name in args.settings:
+        script, flags = SETTINGS[name]
+        raws, trains = [], []
+        for _ in range(args.repeats):
+            raws.append(raw_sps(script, flags, args.steps))
+            trains.append(train_sps(script, flags, args.steps))
+        raw, train = statistics.median(raws), statistics.median(trains)
+        rows.append(
+            {
+                "setting": name,
+                "command": f"python {script} {' '.join(flags)}",
+                "raw_sps": round(raw),
+                "train_sps": round(train),
+                "ratio": round(train / raw, 3),
+                "raw_all": " ".join(str(round(x)) for x in raws),
+                "train_all": " ".join(str(round(x)) for x in trains),
+            }
+        )
+        print(f"{name}: raw {raw:.0f}, train {train:.0f}, ratio {train / raw:.2f}", flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n| setting | command | raw SPS | train SPS | train / raw |\n| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['setting']} | `{row['command']}` | {row['raw_sps']} | {row['train_sps']} | {row['ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
