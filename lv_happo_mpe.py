@@ -203,7 +203,9 @@ class MultiAgentArrays(gym.Env):
         padded = np.zeros(self.observation_space["obs"].shape, np.float32)
         for i, agent in enumerate(self.agents):
             padded[i, : self.obs_dims[i]] = obs[agent]
-        return {"obs": padded, "state": self.env.state().astype(np.float32), "active": active}
+        # MPE's env.state() is the agents' observations concatenated; joining the ones at hand spares recomputing them
+        state = np.concatenate([obs[agent] for agent in self.agents], dtype=np.float32)
+        return {"obs": padded, "state": state, "active": active}
 
     def reset(self, seed: Optional[int] = None, options: Optional[dict] = None):
         obs, _ = self.env.reset(seed=seed, options=options)
@@ -487,6 +489,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
 
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)

@@ -271,3 +271,14 @@ def test_short_learning_run_beats_random_policy(tmp_cwd):
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]
     final = np.mean([value for step, value in returns if step > 80_000])
     assert final > random_return + 10, (final, random_return)
+
+
+@pytest.mark.parametrize("env_id, n", [("simple_spread_v3", 4), ("simple_speaker_listener_v4", None)])
+def test_state_is_env_state(env_id, n):
+    # the wrapper joins the observations instead of calling env.state(), which recomputes them
+    env = lv.MultiAgentArrays(env_id, n, True, 25)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        assert np.array_equal(obs["state"], env.env.state())
+        obs, *_ = env.step(rng.random(env.action_space.shape, dtype=np.float32))
