@@ -279,14 +279,80 @@ class Actor(nn.Module):
             return dist.log_prob(action), dist.entropy()
         return dist.log_prob(action[..., : self.act_dim]).sum(-1), dist.entropy().sum(-1)
 
-    def act(self, obs: torch.Tensor, max_act_dim: int, deterministic: bool = False):
-        """Samples (or takes the mode of) an action; returns it padded to max_act_dim, with its log-probability."""
-        dist = self.distribution(obs)
-        if not self.continuous:
-            action = dist.probs.argmax(-1) if deterministic else dist.sample()
-            return action, dist.log_prob(action)
-        action = dist.mean if deterministic else dist.sample()
-        return F.pad(action, (0, max_act_dim - self.act_dim)), dist.log_prob(action).sum(-1)
+
+class BatchedActors:
+    """Every agent's actor as one network for acting: each layer's weights stacked along a leading agent dimension
+    and applied by one batched matmul, instead of a Python loop over agents (same distributions, fewer calls).
+
+    Agents of different sizes are zero-padded: the input LayerNorm runs over each agent's own observation entries,
+    and the padded action entries get no probability. The Actor modules stay the source of truth; `load` copies
+    their weights in after every update.
+    """
+
+    def __init__(self, actors: nn.ModuleList):
+        device = actors[0].head.weight.device
+        obs_dims = torch.tensor([a.obs_dim for a in actors], device=device).view(-1, 1, 1)
+        act_dims = torch.tensor([a.act_dim for a in actors], device=device).view(-1, 1, 1)
+        self.shapes = (int(obs_dims.max()), int(act_dims.max()))  # (max_obs_dim, max_act_dim)
+        self.continuous, self.obs_dims = actors[0].continuous, obs_dims.float()  # (N, 1, 1)
+        self.obs_mask = torch.arange(self.shapes[0], device=device) < obs_dims  # (N, 1, max_obs_dim)
+        self.act_mask = torch.arange(self.shapes[1], device=device) < act_dims  # (N, 1, max_act_dim)
+        self.load(actors)
+
+    @torch.no_grad()
+    def load(self, actors: nn.ModuleList) -> None:
+        def stack(tensors: list, shape: tuple) -> torch.Tensor:  # zero-padded to shape, stacked over agents
+            padded = tensors[0].new_zeros((len(tensors),) + shape)
+            for i, t in enumerate(tensors):
+                padded[(i,) + tuple(slice(0, n) for n in t.shape)] = t
+            return padded
+
+        max_obs_dim, max_act_dim = self.shapes
+        layers = [list(actor.net) for actor in actors]  # LayerNorm, then (Linear, ReLU, LayerNorm) per hidden layer
+        self.norm_in = [
+            stack([layer[0].weight for layer in layers], (max_obs_dim,)).unsqueeze(1),
+            stack([layer[0].bias for layer in layers], (max_obs_dim,)).unsqueeze(1),
+        ]
+        self.hidden = []
+        for j in range(1, len(layers[0]), 3):
+            linear, norm = [layer[j] for layer in layers], [layer[j + 2] for layer in layers]
+            out_dim, in_dim = linear[-1].weight.shape[0], max_obs_dim if j == 1 else linear[-1].weight.shape[1]
+            self.hidden.append(
+                [
+                    stack([m.weight for m in linear], (out_dim, in_dim)).transpose(1, 2),
+                    stack([m.bias for m in linear], (out_dim,)).unsqueeze(1),
+                    stack([m.weight for m in norm], (out_dim,)).unsqueeze(1),
+                    stack([m.bias for m in norm], (out_dim,)).unsqueeze(1),
+                ]
+            )
+        hidden_dim = actors[0].head.weight.shape[1]
+        self.head = [
+            stack([a.head.weight for a in actors], (max_act_dim, hidden_dim)).transpose(1, 2),
+            stack([a.head.bias for a in actors], (max_act_dim,)).unsqueeze(1),
+        ]
+        if self.continuous:
+            stds = [0.5 * torch.sigmoid(a.std_param) if a.std_type == "sigmoid" else a.std_param.exp() for a in actors]
+            self.std = stack(stds, (max_act_dim,)).unsqueeze(1) + ~self.act_mask  # padding: std 1, masked anyway
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim) or (E, N), log-probabilities (E, N)."""
+        x = obs.transpose(0, 1) * self.obs_mask  # (N, E, max_obs_dim)
+        mean = x.sum(-1, keepdim=True) / self.obs_dims
+        var = ((x - mean) * self.obs_mask).pow(2).sum(-1, keepdim=True) / self.obs_dims
+        x = (x - mean) / (var + 1e-5).sqrt() * self.norm_in[0] + self.norm_in[1]
+        for weight, bias, norm_weight, norm_bias in self.hidden:
+            x = torch.baddbmm(bias, x, weight).relu()
+            x = F.layer_norm(x, x.shape[-1:]) * norm_weight + norm_bias
+        out = torch.baddbmm(self.head[1], x, self.head[0])  # (N, E, max_act_dim)
+        if self.continuous:
+            action = out if deterministic else out + self.std * torch.randn_like(out)
+            action = action * self.act_mask
+            logprob = (Normal(out, self.std).log_prob(action) * self.act_mask).sum(-1)
+            return action.transpose(0, 1), logprob.transpose(0, 1)
+        dist = Categorical(logits=out.masked_fill(~self.act_mask, -torch.inf))
+        action = dist.probs.argmax(-1) if deterministic else dist.sample()
+        return action.transpose(0, 1), dist.log_prob(action).transpose(0, 1)
 
 
 class Critic(nn.Module):
@@ -431,18 +497,14 @@ def evaluate(model_path: str, args: Args, device: torch.device, video_folder: Op
         env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
     actors = build_actors(env.unwrapped, args).to(device)
     actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])
-    max_act_dim = env.action_space.shape[-1] if args.continuous_actions else 1
+    policy = BatchedActors(actors)
     returns = []
     for episode in range(args.eval_episodes):
         obs, _ = env.reset(seed=args.seed + 10_000 + episode)
         done, episodic_return = False, 0.0
         while not done:
-            obs_t = torch.as_tensor(obs["obs"], device=device)
-            with torch.no_grad():
-                action = torch.stack(
-                    [actor.act(obs_t[i], max_act_dim, deterministic=True)[0] for i, actor in enumerate(actors)]
-                )
-            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
+            action, _ = policy.act(torch.as_tensor(obs["obs"], device=device).unsqueeze(0), deterministic=True)
+            obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
             episodic_return += reward
             done = terminated or truncated
         returns.append(episodic_return)
@@ -511,6 +573,7 @@ if __name__ == "__main__":
     max_act_dim = envs.single_action_space.shape[-1] if args.continuous_actions else 1
 
     actors = build_actors(spec_env, args).to(device)
+    policy = BatchedActors(actors)  # all actors in one batched network for the rollout, reloaded after each update
     critic = Critic(state_dim, args.hidden_sizes).to(device)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5) for actor in actors]
@@ -550,11 +613,8 @@ if __name__ == "__main__":
             global_step += args.num_envs
             obs[step], states[step], active_masks[step] = next_obs, next_state, next_active
 
-            # ALGO LOGIC: each agent acts on its own observation with its own actor
-            with torch.no_grad():
-                for i, actor in enumerate(actors):
-                    action, logprob = actor.act(next_obs[:, i], max_act_dim)
-                    actions[step, :, i], logprobs[step, :, i] = action, logprob
+            # ALGO LOGIC: each agent acts on its own observation with its own actor (all agents in one batched call)
+            actions[step], logprobs[step] = policy.act(next_obs)
 
             # TRY NOT TO MODIFY: execute the game and log data.
             env_actions = actions[step].cpu().numpy()
@@ -648,6 +708,7 @@ if __name__ == "__main__":
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
                 # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
                 factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
+        policy.load(actors)
 
         # ALGO LOGIC: critic update on the normalized returns
         v_losses = []
