@@ -617,6 +617,7 @@ if __name__ == "__main__":
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
             critic_optimizer.param_groups[0]["lr"] = frac * args.critic_learning_rate
 
+        rollout_start = time.time()
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step], states[step], active_masks[step] = next_obs, next_state, next_active
@@ -644,6 +645,7 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                     writer.add_scalar("charts/episodic_length", infos["episode"]["l"][env_idx], global_step)
 
+        update_start = time.time()
         # bootstrap value if not done
         with torch.no_grad():
             values = value_norm.denormalize(critic(states))  # (T, E)
@@ -735,6 +737,8 @@ if __name__ == "__main__":
                 v_losses.append(v_loss.item())
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
+        writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
+        writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
         sps = int(global_step / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", actor_optimizers[0].param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)

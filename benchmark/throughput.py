@@ -1,12 +1,14 @@
 """Training throughput vs. raw environment stepping, measured in the same run.
 
 For each setting, alternately (so that the machine's noise hits both alike):
-  raw:   the same vector environments (same scenario, number of envs, sync/async) stepped with random actions
-         by a single process, no learning: the simulator's limit under that vectorization;
-  train: the script itself with those flags, its last logged `charts/SPS` (rollout, GAE and updates included).
-The table reports the medians over --repeats and their ratio (train / raw).
+  raw:   the same environments (scenario, number of envs) in a `SyncVectorEnv`, stepped with random actions by a
+         single process, no learning: the simulator's limit on one core;
+  train: the script itself with the setting's flags (`--vector-env async` included), its last logged `charts/SPS`
+         (rollout, GAE and all updates included), and its median `perf/rollout_time` and `perf/update_time`.
+The table reports the medians over --repeats and the ratio train / raw.
 
     python benchmark/throughput.py --settings mpe-n3 mpe-n5 mpe-n3-paper mpe-n5-paper --repeats 3
+    python benchmark/throughput.py --settings mpe-n2 mpe-n3 mpe-n5 mpe-n8 --repeats 3   # scaling in N
 """
 
 import argparse
@@ -28,11 +30,18 @@ sys.path.insert(0, str(ROOT))
 
 # name: (script, flags); flags are the script's own, and the raw stepping reads the environment ones
 SETTINGS = {
+    "mpe-n2": ("lv_happo_mpe.py", ["--num-agents", "2"]),
     "mpe-n3": ("lv_happo_mpe.py", ["--num-agents", "3"]),
     "mpe-n5": ("lv_happo_mpe.py", ["--num-agents", "5"]),
     "mpe-n3-paper": ("lv_happo_mpe.py", ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200"]),
     "mpe-n5-paper": ("lv_happo_mpe.py", ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200"]),
+    "mpe-n8": ("lv_happo_mpe.py", ["--num-agents", "8"]),
     "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
+    "mpe-n5-async": ("lv_happo_mpe.py", ["--num-agents", "5", "--vector-env", "async"]),
+    "mpe-n3-paper-async": (
+        "lv_happo_mpe.py",
+        ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200", "--vector-env", "async"],
+    ),
     "mpe-n5-paper-async": (
         "lv_happo_mpe.py",
         ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200", "--vector-env", "async"],
@@ -46,14 +55,13 @@ def script_args(script: str, flags: list):
 
 
 def raw_sps(script: str, flags: list, steps: int) -> float:
-    """Joint steps per second of the script's vector env driven by random actions."""
+    """Joint steps per second of the script's environments in one process, driven by random actions."""
     module, args = script_args(script, flags)
     env_fns = [
         module.make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
         for _ in range(args.num_envs)
     ]
-    vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
-    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
     envs.action_space.seed(0)
     single = envs.single_action_space
@@ -71,15 +79,18 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
     return done / elapsed
 
 
-def train_sps(script: str, flags: list, steps: int) -> float:
-    """The last charts/SPS the script logs in a run of `steps` joint steps."""
+def train_sps(script: str, flags: list, steps: int) -> tuple:
+    """The last charts/SPS the script logs in a run of `steps` joint steps, and its median seconds per iteration
+    of rollout and of update."""
     with tempfile.TemporaryDirectory() as cwd:
         cmd = [sys.executable, str(ROOT / script), *flags, "--total-timesteps", str(steps), "--seed", "1"]
         subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         (run_dir,) = Path(cwd, "runs").iterdir()
         accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         accumulator.Reload()
-        return accumulator.Scalars("charts/SPS")[-1].value
+        rollout = statistics.median(e.value for e in accumulator.Scalars("perf/rollout_time"))
+        update = statistics.median(e.value for e in accumulator.Scalars("perf/update_time"))
+        return accumulator.Scalars("charts/SPS")[-1].value, rollout, update
 
 
 def main() -> None:
@@ -93,11 +104,15 @@ def main() -> None:
     rows = []
     for name in args.settings:
         script, flags = SETTINGS[name]
-        raws, trains = [], []
+        raws, trains, rollouts, updates = [], [], [], []
         for _ in range(args.repeats):
             raws.append(raw_sps(script, flags, args.steps))
-            trains.append(train_sps(script, flags, args.steps))
+            sps, rollout, update = train_sps(script, flags, args.steps)
+            trains.append(sps)
+            rollouts.append(rollout)
+            updates.append(update)
         raw, train = statistics.median(raws), statistics.median(trains)
+        _, script_flags = script_args(script, flags)
         rows.append(
             {
                 "setting": name,
@@ -105,20 +120,29 @@ def main() -> None:
                 "raw_sps": round(raw),
                 "train_sps": round(train),
                 "ratio": round(train / raw, 3),
+                "rollout_ms_per_step": round(1000 * statistics.median(rollouts) / script_flags.num_steps, 3),
+                "raw_ms_per_step": round(1000 * script_flags.num_envs / raw, 3),
+                "update_ms": round(1000 * statistics.median(updates), 1),
                 "raw_all": " ".join(str(round(x)) for x in raws),
                 "train_all": " ".join(str(round(x)) for x in trains),
             }
         )
-        print(f"{name}: raw {raw:.0f}, train {train:.0f}, ratio {train / raw:.2f}", flush=True)
+        print(f"{name}: {rows[-1]}", flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("\n| setting | command | raw SPS | train SPS | train / raw |\n| --- | --- | --- | --- | --- |")
+    print(
+        "\n| setting | command | raw SPS | train SPS | train / raw | rollout ms/step (raw) | update ms/iteration |"
+        "\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
     for row in rows:
-        print(f"| {row['setting']} | `{row['command']}` | {row['raw_sps']} | {row['train_sps']} | {row['ratio']:.2f} |")
+        print(
+            f"| {row['setting']} | `{row['command']}` | {row['raw_sps']} | {row['train_sps']} | {row['ratio']:.2f} "
+            f"| {row['rollout_ms_per_step']:.2f} ({row['raw_ms_per_step']:.2f}) | {row['update_ms']:.0f} |"
+        )
 
 
 if __name__ == "__main__":
