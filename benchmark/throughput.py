@@ -36,6 +36,8 @@ SETTINGS = {
     "mpe-n3-paper": ("lv_happo_mpe.py", ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200"]),
     "mpe-n5-paper": ("lv_happo_mpe.py", ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200"]),
     "mpe-n8": ("lv_happo_mpe.py", ["--num-agents", "8"]),
+    "hatrpo-mpe-n3": ("lv_hatrpo_mpe.py", ["--num-agents", "3"]),
+    "hatrpo-mpe-n5": ("lv_hatrpo_mpe.py", ["--num-agents", "5"]),
     "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
     "mpe-n5-async": ("lv_happo_mpe.py", ["--num-agents", "5", "--vector-env", "async"]),
     "mpe-n3-paper-async": (
