@@ -65,8 +65,8 @@ class Args:
     """the number of parallel environments"""
     vector_env: Literal["sync", "async"] = "sync"
     """gymnasium's vector environment: `sync` (one process) or `async` (one subprocess per environment)"""
-    torch_threads: Optional[int] = None
-    """torch's CPU threads (default: 1 with `--vector-env async`, whose workers need the other cores; else torch's)"""
+    torch_threads: int = 1
+    """torch's CPU threads: small networks gain little from more, and busy cores make extra threads spin-wait"""
     num_steps: int = 100
     """the number of steps to run in each environment per policy rollout"""
     gamma: float = 0.99
@@ -164,7 +164,7 @@ def check_args(args: Args) -> Optional[str]:
     for name in ("learning_rate", "clip_coef", "max_grad_norm", "factor_clip", "kl_threshold", "backtrack_coef"):
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.torch_threads is not None and args.torch_threads < 1:
+    if args.torch_threads < 1:
         return f"--torch-threads must be at least 1, got {args.torch_threads}"
     if args.critic_epochs < 0 or args.cg_damping < 0:
         return "--critic-epochs and --cg-damping must not be negative"
@@ -663,8 +663,7 @@ if __name__ == "__main__":
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.torch_threads is not None or args.vector_env == "async":
-        torch.set_num_threads(args.torch_threads or 1)
+    torch.set_num_threads(args.torch_threads)
 
     # env setup
     env_fns = [
