@@ -25,21 +25,19 @@ with contextlib.redirect_stderr(io.StringIO()):  # gymnasium-robotics prints a n
     from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
 
 ENV_IDS = (
-    "Ant",
     "HalfCheetah",
+    "Ant",
     "Hopper",
-    "HumanoidStandup",
     "Humanoid",
+    "HumanoidStandup",
     "Reacher",
-    "Swimmer",
     "Pusher",
+    "Swimmer",
     "Walker2d",
-    "InvertedPendulum",
-    "InvertedDoublePendulum",
+    "CoupledHalfCheetah",
     "ManySegmentSwimmer",
     "ManySegmentAnt",
-    "CoupledHalfCheetah",
-)  # the scenarios of gymnasium_robotics.mamujoco_v1
+)  # the scenarios that gymnasium_robotics.mamujoco_v1 partitions
 
 
 @dataclass
