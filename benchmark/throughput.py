@@ -36,6 +36,12 @@ SETTINGS = {
     "mpe-n3-paper": ("lv_happo_mpe.py", ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200"]),
     "mpe-n5-paper": ("lv_happo_mpe.py", ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200"]),
     "mpe-n8": ("lv_happo_mpe.py", ["--num-agents", "8"]),
+    "mamujoco-halfcheetah-6x1": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1"]),
+    "mamujoco-halfcheetah-6x1-paper": (
+        "lv_happo_mamujoco.py",
+        ["--agent-conf", "6x1", "--num-envs", "20", "--update-epochs", "15", "--critic-epochs", "15"],
+    ),
+    "mamujoco-halfcheetah-6x1-async": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1", "--vector-env", "async"]),
     "hatrpo-mpe-n3": ("lv_hatrpo_mpe.py", ["--num-agents", "3"]),
     "hatrpo-mpe-n5": ("lv_hatrpo_mpe.py", ["--num-agents", "5"]),
     "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
@@ -59,10 +65,11 @@ def script_args(script: str, flags: list):
 def raw_sps(script: str, flags: list, steps: int) -> float:
     """Joint steps per second of the script's environments in one process, driven by random actions."""
     module, args = script_args(script, flags)
-    env_fns = [
-        module.make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
-        for _ in range(args.num_envs)
-    ]
+    if hasattr(args, "agent_conf"):  # MaMuJoCo
+        env_args = (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
+    else:
+        env_args = (args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
+    env_fns = [module.make_env(*env_args) for _ in range(args.num_envs)]
     envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
     envs.action_space.seed(0)
@@ -70,8 +77,9 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
     rng = np.random.default_rng(0)
     start, done = time.perf_counter(), 0
     while done < steps:
-        if isinstance(single, gym.spaces.Box):  # the padded box is unbounded: sample the MPE action box [0, 1]
-            actions = rng.random((args.num_envs,) + single.shape, dtype=np.float32)
+        if isinstance(single, gym.spaces.Box):  # the padded box is unbounded: sample the agents' own bounds
+            env = envs.envs[0]
+            actions = rng.uniform(env.act_low[0][0], env.act_high[0][0], (args.num_envs,) + single.shape)
         else:
             actions = envs.action_space.sample()
         envs.step(actions)
