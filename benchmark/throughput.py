@@ -39,7 +39,8 @@ SETTINGS = {
     "mamujoco-halfcheetah-6x1": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1"]),
     "mamujoco-halfcheetah-6x1-paper": (
         "lv_happo_mamujoco.py",
-        ["--agent-conf", "6x1", "--num-envs", "20", "--update-epochs", "15", "--critic-epochs", "15"],
+        ["--agent-conf", "6x1", "--num-envs", "20", "--update-epochs", "15", "--critic-epochs", "15"]
+        + ["--hidden-sizes", "128", "128", "128", "--clip-coef", "0.05"],
     ),
     "mamujoco-halfcheetah-6x1-async": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1", "--vector-env", "async"]),
     "hatrpo-mpe-n3": ("lv_hatrpo_mpe.py", ["--num-agents", "3"]),
