@@ -638,7 +638,7 @@ if __name__ == "__main__":
     next_obs = torch.as_tensor(next_obs_np["obs"], device=device)
     next_state = torch.as_tensor(next_obs_np["state"], device=device)
     next_active = torch.as_tensor(next_obs_np["active"], device=device)
-    recent_returns = []
+    recent_returns, mean_return = [], float("nan")  # the episodes finished since the last progress line
     progress = tqdm(total=args.num_iterations * args.batch_size, unit="step", disable=not sys.stderr.isatty())
 
     for iteration in range(1, args.num_iterations + 1):
@@ -775,11 +775,12 @@ if __name__ == "__main__":
         writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls), global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
-        mean_return = np.mean(recent_returns) if recent_returns else float("nan")
+        if recent_returns:
+            mean_return, recent_returns = np.mean(recent_returns), []
         progress.update(args.batch_size)
         progress.set_postfix(episodic_return=f"{mean_return:.2f}", SPS=sps)
         progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
-        recent_returns = []
+        sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
 
     progress.close()
     envs.close()
