@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -38,6 +39,15 @@ ENV_IDS = (
     "ManySegmentSwimmer",
     "ManySegmentAnt",
 )  # the scenarios that gymnasium_robotics.mamujoco_v1 partitions
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warnings, less the deprecation notice that gymnasium's HalfCheetah model raises at every build."""
+    if "is deprecated" not in message:
+        print(f"MuJoCo warning: {message}", file=sys.stderr)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)
 
 
 @dataclass
@@ -555,6 +565,15 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    try:  # one environment first: gymnasium-robotics itself fails on some tasks (CoupledHalfCheetah with mujoco 4)
+        spec_env = MultiAgentArrays(
+            args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps
+        )
+    except Exception as error:
+        sys.exit(
+            f"{os.path.basename(__file__)}: error: gymnasium-robotics cannot build {args.env_id} {args.agent_conf} "
+            f"({type(error).__name__}: {error}); try another task or partition"
+        )
     run_name = f"{args.env_id}_{args.agent_conf}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders off-screen
@@ -603,7 +622,6 @@ if __name__ == "__main__":
     # infos["final_obs"], whose state the critic needs to bootstrap a truncated episode
     envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    spec_env = MultiAgentArrays(args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
     num_agents = len(spec_env.agents)
     obs_shape = envs.single_observation_space["obs"].shape  # (num_agents, max_obs_dim)
     state_dim = envs.single_observation_space["state"].shape[0]
