@@ -1,10 +1,12 @@
 """Shared helpers of the test suite: run a script as a user would and read back what it logged."""
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -41,3 +43,46 @@ def only_run_dir(cwd: Path) -> Path:
 @pytest.fixture
 def tmp_cwd(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# the logging contract of SPEC.md: every script logs these, and these per position k of the update order
+CONTRACT = [
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+]
+PER_POSITION = ["lv/factor_mean_{}", "lv/factor_max_{}", "lv/factor_clip_fraction_{}", "lv/adv_variance_{}"]
+
+
+def assert_logged_and_finite(scalars: dict, tags: list) -> None:
+    for tag in tags:
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+        assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str, cwd: Path) -> None:
+    """A non-zero exit with one line on stderr that contains message, no traceback, and nothing started."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (cwd / "runs").exists()
+
+
+def random_policy_returns(env, episodes: int, low: float, high: float) -> list:
+    """Team returns of uniformly random actions in [low, high] on a script's MultiAgentArrays env."""
+    rng = np.random.default_rng(0)
+    returns = []
+    for episode in range(episodes):
+        env.reset(seed=episode)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(rng.uniform(low, high, env.action_space.shape))
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return returns

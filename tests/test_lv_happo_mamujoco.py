@@ -1,12 +1,19 @@
 """Tests of lv_happo_mamujoco.py: the MaMuJoCo wrapper, episode ends, and the script run as a user runs it."""
 
-import math
-
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import only_run_dir, read_scalars, run_script
+from conftest import (
+    CONTRACT,
+    PER_POSITION,
+    assert_logged_and_finite,
+    assert_one_line_error,
+    only_run_dir,
+    random_policy_returns,
+    read_scalars,
+    run_script,
+)
 
 import lv_happo_mamujoco as lv
 
@@ -96,19 +103,6 @@ def test_falling_terminates_without_truncation():
     assert terminated and not truncated and t < 999
 
 
-CONTRACT = [
-    "charts/episodic_return",
-    "charts/episodic_length",
-    "charts/SPS",
-    "losses/value_loss",
-    "losses/policy_loss",
-    "losses/entropy",
-    "losses/approx_kl",
-    "losses/clipfrac",
-]
-PER_POSITION = ["lv/factor_mean_{}", "lv/factor_max_{}", "lv/factor_clip_fraction_{}", "lv/adv_variance_{}"]
-
-
 @pytest.mark.parametrize(
     "flags, num_agents",
     [
@@ -124,9 +118,7 @@ def test_end_to_end_logs_the_contract(tmp_cwd, flags, num_agents):
     expected = CONTRACT + [tag.format(k) for tag in PER_POSITION for k in range(num_agents)]
     if "--save-model" in flags:
         expected.append("eval/episodic_return")
-    for tag in expected:
-        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
-        assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+    assert_logged_and_finite(scalars, expected)
     assert [step for step, _ in scalars["charts/SPS"]] == [200, 400]
     assert all(value <= 60 for _, value in scalars["charts/episodic_length"])  # the time limit, or a fall
 
@@ -155,26 +147,13 @@ def test_capture_video_without_renderer_is_a_warning_not_a_crash(tmp_cwd, monkey
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_cwd, flags, message):
-    result = run_script(SCRIPT, *flags, cwd=tmp_cwd, timeout=60)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not (tmp_cwd / "runs").exists()
+    assert_one_line_error(run_script(SCRIPT, *flags, cwd=tmp_cwd, timeout=60), message, tmp_cwd)
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
     episode_steps = 200
     env = lv.MultiAgentArrays("HalfCheetah", "2x3", 1, False, episode_steps)
-    rng = np.random.default_rng(0)
-    random_returns = []
-    for episode in range(20):
-        env.reset(seed=episode)
-        total, done = 0.0, False
-        while not done:
-            _, reward, terminated, truncated, _ = env.step(rng.uniform(-1, 1, (2, 3)).astype(np.float32))
-            total += reward
-            done = terminated or truncated
-        random_returns.append(total)
+    random_returns = random_policy_returns(env, 20, -1, 1)
     flags = ("--agent-conf", "2x3", "--max-episode-steps", str(episode_steps), "--total-timesteps", "100000")
     result = run_script(SCRIPT, *flags, "--seed", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import only_run_dir, read_scalars, run_script
+from conftest import (
+    CONTRACT,
+    PER_POSITION,
+    assert_logged_and_finite,
+    assert_one_line_error,
+    only_run_dir,
+    random_policy_returns,
+    read_scalars,
+    run_script,
+)
 
 import lv_happo_mpe as lv
 
@@ -177,18 +186,6 @@ def test_episode_truncates_at_max_cycles():
 
 # ---------------------------------------------------------------- the script, end to end
 
-CONTRACT = [
-    "charts/episodic_return",
-    "charts/episodic_length",
-    "charts/SPS",
-    "losses/value_loss",
-    "losses/policy_loss",
-    "losses/entropy",
-    "losses/approx_kl",
-    "losses/clipfrac",
-]
-PER_POSITION = ["lv/factor_mean_{}", "lv/factor_max_{}", "lv/factor_clip_fraction_{}", "lv/adv_variance_{}"]
-
 
 @pytest.mark.parametrize(
     "flags, num_agents",
@@ -206,9 +203,7 @@ def test_end_to_end_logs_the_contract(tmp_cwd, flags, num_agents):
     expected = CONTRACT + [tag.format(k) for tag in PER_POSITION for k in range(num_agents)]
     if "--save-model" in flags:
         expected.append("eval/episodic_return")
-    for tag in expected:
-        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
-        assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+    assert_logged_and_finite(scalars, expected)
     assert not any(tag.endswith(f"_{num_agents}") for tag in scalars if tag.startswith("lv/"))
     # the x-axis is the global joint step: 2 iterations of 2 envs x 50 steps
     assert [step for step, _ in scalars["charts/SPS"]] == [100, 200, 300, 400]
@@ -268,32 +263,11 @@ def test_capture_video_writes_evaluation_videos(tmp_cwd):
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_cwd, flags, message):
-    result = run_script(SCRIPT, *flags, cwd=tmp_cwd, timeout=60)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not (tmp_cwd / "runs").exists()  # nothing was started
-
-
-def random_policy_return(num_agents: int, episodes: int, seed: int) -> float:
-    env = lv.MultiAgentArrays("simple_spread_v3", num_agents, True, 25)
-    env.action_space.seed(seed)
-    returns = []
-    for episode in range(episodes):
-        env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            action = np.stack([env.env.action_space(a).sample() for a in env.agents])
-            _, reward, terminated, truncated, _ = env.step(action)
-            total += reward
-            done = terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns))
+    assert_one_line_error(run_script(SCRIPT, *flags, cwd=tmp_cwd, timeout=60), message, tmp_cwd)
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
-    random_return = random_policy_return(3, episodes=100, seed=0)
+    random_return = np.mean(random_policy_returns(lv.MultiAgentArrays("simple_spread_v3", 3, True, 25), 100, 0, 1))
     result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "200000", "--seed", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]
