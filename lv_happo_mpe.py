@@ -219,7 +219,7 @@ class MultiAgentArrays(gym.Env):
         active = np.array([a in self.env.agents for a in self.agents], np.float32)
         if self.continuous:  # the Gaussian sample is clipped to the bounds here only, not in its stored log-prob
             actions = {
-                a: np.clip(action[i, : self.act_dims[i]], self.act_low[i], self.act_high[i])
+                a: np.clip(action[i, : self.act_dims[i]], self.act_low[i], self.act_high[i]).astype(np.float32)
                 for i, a in enumerate(self.agents)
             }
         else:

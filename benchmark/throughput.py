@@ -81,6 +81,7 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
         if isinstance(single, gym.spaces.Box):  # the padded box is unbounded: sample the agents' own bounds
             env = envs.envs[0]
             actions = rng.uniform(env.act_low[0][0], env.act_high[0][0], (args.num_envs,) + single.shape)
+            actions = actions.astype(np.float32)
         else:
             actions = envs.action_space.sample()
         envs.step(actions)
