@@ -455,7 +455,7 @@ def compute_gae(
 
 
 def factor_used(factor: torch.Tensor, mode: str, factor_clip: float) -> torch.Tensor:
-    """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
+    """The factor that weights agent i_k's advantage: min(M, c) (LV-HATRPO), M (HATRPO) or 1 (MAPPO-style)."""
     if mode == "clipped":
         return factor.clamp(max=factor_clip)
     if mode == "raw":
