@@ -309,8 +309,11 @@ class Actor(nn.Module):
     def distribution(self, obs: torch.Tensor) -> Normal:
         """The action distribution given padded observations (..., max_obs_dim)."""
         out = self.head(self.net(obs[..., : self.obs_dim]))
-        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Normal(out, std.expand_as(out))
+        return Normal(out, self.std().expand_as(out))
+
+    def std(self) -> torch.Tensor:
+        """The state-independent standard deviation, one per action dimension."""
+        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
 
     def log_prob_entropy(self, dist: Normal, action: torch.Tensor):
         """Log-probability of padded actions and the entropy, both summed over the agent's action dimensions."""
@@ -367,7 +370,7 @@ class BatchedActors:
             stack([a.head.weight for a in actors], (max_act_dim, hidden_dim)).transpose(1, 2),
             stack([a.head.bias for a in actors], (max_act_dim,)).unsqueeze(1),
         ]
-        stds = [0.5 * torch.sigmoid(a.std_param) if a.std_type == "sigmoid" else a.std_param.exp() for a in actors]
+        stds = [a.std() for a in actors]
         self.std = stack(stds, (max_act_dim,)).unsqueeze(1) + ~self.act_mask  # padding: std 1, masked anyway
 
     @torch.no_grad()

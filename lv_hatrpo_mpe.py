@@ -292,8 +292,11 @@ class Actor(nn.Module):
         out = self.head(self.net(obs[..., : self.obs_dim]))
         if not self.continuous:
             return Categorical(logits=out)
-        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Normal(out, std.expand_as(out))
+        return Normal(out, self.std().expand_as(out))
+
+    def std(self) -> torch.Tensor:
+        """The state-independent standard deviation of a Gaussian policy, one per action dimension."""
+        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
 
     def log_prob_entropy(self, dist: torch.distributions.Distribution, action: torch.Tensor):
         """Log-probability of padded actions and the entropy, summed over action dimensions when continuous."""
@@ -353,7 +356,7 @@ class BatchedActors:
             stack([a.head.bias for a in actors], (max_act_dim,)).unsqueeze(1),
         ]
         if self.continuous:
-            stds = [0.5 * torch.sigmoid(a.std_param) if a.std_type == "sigmoid" else a.std_param.exp() for a in actors]
+            stds = [a.std() for a in actors]
             self.std = stack(stds, (max_act_dim,)).unsqueeze(1) + ~self.act_mask  # padding: std 1, masked anyway
 
     @torch.no_grad()
