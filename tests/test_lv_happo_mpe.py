@@ -1,5 +1,6 @@
 """Tests of lv_happo_mpe.py: the math of its pieces, then the script run as a user runs it."""
 
+import importlib.util
 import math
 
 import numpy as np
@@ -273,3 +274,10 @@ def test_short_learning_run_beats_random_policy(tmp_cwd):
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]
     final = np.mean([value for step, value in returns if step > 160_000])  # the last 40 iterations, 1600 episodes
     assert final > random_return + 8, (final, random_return)
+
+
+def test_track_without_wandb_is_one_line(tmp_cwd):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: --track would start a real run")
+    result = run_script(SCRIPT, *TINY, "--track", cwd=tmp_cwd, timeout=60)
+    assert_one_line_error(result, "--track needs wandb: pip install wandb", tmp_cwd)
