@@ -439,6 +439,11 @@ def compute_gae(
     return advantages
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
 def factor_used(factor: torch.Tensor, mode: str, factor_clip: float) -> torch.Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
     if mode == "clipped":
@@ -466,7 +471,7 @@ def actor_loss(
     """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] over the samples where mask is 1."""
     ratio = (newlogprob - oldlogprob).exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return -(factor * surrogate * mask).sum() / mask.sum().clamp(min=1)
+    return -masked_mean(factor * surrogate, mask)
 
 
 def critic_loss(
@@ -702,7 +707,7 @@ if __name__ == "__main__":
                         mb_mask,
                         args.clip_coef,
                     )
-                    entropy_loss = (entropy * mb_mask).sum() / mb_mask.sum().clamp(min=1)
+                    entropy_loss = masked_mean(entropy, mb_mask)
                     loss = pg_loss - args.ent_coef * entropy_loss
 
                     optimizer.zero_grad()

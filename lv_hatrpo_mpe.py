@@ -457,6 +457,11 @@ def compute_gae(
     return advantages
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
 def factor_used(factor: torch.Tensor, mode: str, factor_clip: float) -> torch.Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HATRPO), M (HATRPO) or 1 (MAPPO-style)."""
     if mode == "clipped":
@@ -482,14 +487,14 @@ def surrogate(
 ) -> torch.Tensor:
     """The linear surrogate E[M * r * A] over the samples where mask is 1 (maximised)."""
     ratio = (newlogprob - oldlogprob).exp()
-    return (factor * ratio * advantages * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(factor * ratio * advantages, mask)
 
 
 def mean_kl(old_dist, new_dist, mask: torch.Tensor) -> torch.Tensor:
     """Mean KL(pi_old || pi_new) over the samples where mask is 1 (summed over action dimensions)."""
     kl = kl_divergence(old_dist, new_dist)
     kl = kl.sum(-1) if isinstance(new_dist, Normal) else kl
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(kl, mask)
 
 
 def detached(dist):
@@ -802,7 +807,7 @@ if __name__ == "__main__":
 
             with torch.no_grad():
                 newlogprob, entropy = actor.log_prob_entropy(actor.distribution(b_obs[:, agent]), b_actions[:, agent])
-                entropies.append(((entropy * b_active[:, agent]).sum() / b_active[:, agent].sum().clamp(min=1)).item())
+                entropies.append(masked_mean(entropy, b_active[:, agent]).item())
                 logratio = newlogprob - b_logprobs[:, agent]
                 ratio = logratio.exp()
                 approx_kls.append(((ratio - 1) - logratio).mean().item())
