@@ -24,7 +24,7 @@ from tqdm import tqdm
 SC2_INSTALL = (
     "the sc2 backend needs StarCraft II and the smac package: install the game (Linux: unzip SC2.4.10.zip from "
     "github.com/Blizzard/s2client-proto, set SC2PATH, copy SMAC_Maps into StarCraftII/Maps), then "
-    "pip install git+https://github.com/oxwhirl/smac.git"
+    "pip install git+https://github.com/oxwhirl/smac.git (README.md, section lv_happo_smac.py)"
 )
 
 
@@ -260,6 +260,8 @@ class SMAXEnvs:
             return jax.jit(batched)
 
         self._reset, self._step = many(reset), many(step)
+        self.key = jax.random.PRNGKey(seed)
+        self.step(self.reset()["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
         self.key = jax.random.PRNGKey(seed)
 
     def _to_torch(self, arrays: tuple, names: tuple) -> dict:
@@ -570,7 +572,10 @@ def build_actors(envs, args: Args) -> nn.ModuleList:
 
 def save_smax_animation(envs: SMAXEnvs, policy: BatchedActors, path: str, seed: int) -> None:
     """One deterministic episode of a single SMAX game, drawn by JaxMARL's visualizer into a GIF at path."""
+    import matplotlib
     from jaxmarl.viz.visualizer import SMAXVisualizer
+
+    matplotlib.rcParams["animation.writer"] = "pillow"  # GIFs without ffmpeg
 
     env, jax, jnp = envs.env, envs.jax, envs.jnp
     key, key_reset = jax.random.split(jax.random.PRNGKey(seed))

@@ -45,6 +45,9 @@ SETTINGS = {
     "mamujoco-halfcheetah-6x1-async": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1", "--vector-env", "async"]),
     "hatrpo-mpe-n3": ("lv_hatrpo_mpe.py", ["--num-agents", "3"]),
     "hatrpo-mpe-n5": ("lv_hatrpo_mpe.py", ["--num-agents", "5"]),
+    "smax-3m": ("lv_happo_smac.py", ["--env-id", "3m"]),
+    "smax-3s5z": ("lv_happo_smac.py", ["--env-id", "3s5z"]),
+    "smax-3m-paper": ("lv_happo_smac.py", ["--env-id", "3m", "--num-envs", "20", "--num-steps", "160"]),
     "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
     "mpe-n5-async": ("lv_happo_mpe.py", ["--num-agents", "5", "--vector-env", "async"]),
     "mpe-n3-paper-async": (
@@ -66,6 +69,8 @@ def script_args(script: str, flags: list):
 def raw_sps(script: str, flags: list, steps: int) -> float:
     """Joint steps per second of the script's environments in one process, driven by random actions."""
     module, args = script_args(script, flags)
+    if hasattr(args, "backend"):  # SMAX: the script's own vmapped adapter, random available actions
+        return raw_smax_sps(module, args, steps)
     if hasattr(args, "agent_conf"):  # MaMuJoCo
         env_args = (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
     else:
@@ -89,6 +94,22 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
     elapsed = time.perf_counter() - start
     envs.close()
     return done / elapsed
+
+
+def raw_smax_sps(module, args, steps: int) -> float:
+    import torch
+
+    module.jax_settings(cuda=False)
+    torch.set_num_threads(1)
+    envs = module.SMAXEnvs(args.env_id, args.num_envs, 0, torch.device("cpu"))  # compiled on construction
+    out, generator = envs.reset(), torch.Generator().manual_seed(0)
+    start, done = time.perf_counter(), 0
+    while done < steps:
+        out = envs.step(
+            torch.multinomial(out["avail"].flatten(0, 1).float(), 1, generator=generator).view(args.num_envs, -1)
+        )
+        done += args.num_envs
+    return done / (time.perf_counter() - start)
 
 
 def train_sps(script: str, flags: list, steps: int) -> tuple:
@@ -142,6 +163,10 @@ def main() -> None:
         print(f"{name}: {rows[-1]}", flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(args.out).exists():  # keep the other settings' rows from earlier runs
+        with open(args.out, newline="") as f:
+            measured = {row["setting"] for row in rows}
+            rows = [row for row in csv.DictReader(f) if row["setting"] not in measured] + rows
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -152,8 +177,9 @@ def main() -> None:
     )
     for row in rows:
         print(
-            f"| {row['setting']} | `{row['command']}` | {row['raw_sps']} | {row['train_sps']} | {row['ratio']:.2f} "
-            f"| {row['rollout_ms_per_step']:.2f} ({row['raw_ms_per_step']:.2f}) | {row['update_ms']:.0f} |"
+            f"| {row['setting']} | `{row['command']}` | {row['raw_sps']} | {row['train_sps']} "
+            f"| {float(row['ratio']):.2f} | {float(row['rollout_ms_per_step']):.2f} "
+            f"({float(row['raw_ms_per_step']):.2f}) | {float(row['update_ms']):.0f} |"
         )
 
 

@@ -1,0 +1,313 @@
+"""Tests of lv_happo_smac.py: masks, the SMAX and StarCraft II adapters, then the script run as a user runs it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    CONTRACT,
+    PER_POSITION,
+    assert_logged_and_finite,
+    assert_one_line_error,
+    only_run_dir,
+    read_scalars,
+    run_script,
+)
+
+import lv_happo_smac as lv
+
+SCRIPT = "lv_happo_smac.py"
+TINY = ("--total-timesteps", "640", "--num-envs", "8", "--num-steps", "40", "--update-epochs", "2")
+lv.jax_settings(cuda=False)  # before the first jax import, as the script does
+
+
+@pytest.fixture(scope="module")
+def smax_3m() -> "lv.SMAXEnvs":
+    return lv.SMAXEnvs("3m", num_envs=16, seed=0, device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_masked_categorical_matches_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    avail = torch.tensor([[True, False, True, False]])
+    dist = lv.masked_categorical(logits, avail)
+    # only actions 0 and 2: p = softmax([1, 3]) = [1, e^2] / (1 + e^2)
+    p0, p2 = 1 / (1 + math.e**2), math.e**2 / (1 + math.e**2)
+    torch.testing.assert_close(dist.probs, torch.tensor([[p0, 0.0, p2, 0.0]]))
+    torch.testing.assert_close(dist.log_prob(torch.tensor([2])), torch.tensor([math.log(p2)]))
+    torch.testing.assert_close(dist.entropy(), torch.tensor([-(p0 * math.log(p0) + p2 * math.log(p2))]))
+    assert torch.isfinite(dist.entropy()).all()
+
+
+def test_sampled_actions_are_always_available():
+    torch.manual_seed(0)
+    actor = lv.Actor(6, 5, (16,))
+    avail = torch.rand(4000, 5) < 0.4
+    avail[torch.arange(4000), torch.randint(0, 5, (4000,))] = True  # at least one available action per row
+    actions = actor.distribution(torch.randn(4000, 6), avail).sample()
+    assert avail[torch.arange(4000), actions].all()
+    policy = lv.BatchedActors(torch.nn.ModuleList([actor, lv.Actor(6, 5, (16,))]))
+    actions, logprobs = policy.act(torch.randn(2000, 2, 6), avail.view(2000, 2, 5))
+    assert avail.view(2000, 2, 5).gather(-1, actions.unsqueeze(-1)).all()
+    assert torch.isfinite(logprobs).all()
+
+
+def test_batched_actors_match_the_actor_modules():
+    torch.manual_seed(1)
+    actors = torch.nn.ModuleList(lv.Actor(7, 4, (32, 32)) for _ in range(3))
+    policy = lv.BatchedActors(actors)
+    obs, avail = torch.randn(50, 3, 7), torch.rand(50, 3, 4) < 0.7
+    avail[..., 0] = True
+    actions, logprobs = policy.act(obs, avail)
+    greedy, _ = policy.act(obs, avail, deterministic=True)
+    for i, actor in enumerate(actors):
+        dist = actor.distribution(obs[:, i], avail[:, i])
+        torch.testing.assert_close(logprobs[:, i], dist.log_prob(actions[:, i]))
+        torch.testing.assert_close(greedy[:, i], dist.probs.argmax(-1))
+    with torch.no_grad():  # after an update, load() brings the new weights in
+        actors[1].head.bias += 1.0
+    policy.load(actors)
+    _, logprobs = policy.act(obs, avail)
+    assert not torch.equal(logprobs[:, 1], actors[1].distribution(obs[:, 1], avail[:, 1]).log_prob(actions[:, 1]))
+
+
+def test_dead_agents_contribute_zero_actor_loss():
+    newlogprob = torch.log(torch.tensor([1.1, 0.95, 0.9, 1.0])).requires_grad_()  # inside the clip range
+    old, factor = torch.zeros(4), torch.ones(4)
+    alive = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    adv = torch.tensor([1.0, -2.0, 3.0, 5.0])
+    loss = lv.actor_loss(newlogprob, old, adv, factor, alive, 0.2)
+    loss.backward()
+    assert newlogprob.grad[3] == 0 and (newlogprob.grad[:3] != 0).all()
+    changed = lv.actor_loss(newlogprob, old, adv * torch.tensor([1, 1, 1, -1e6]), factor, alive, 0.2)
+    assert changed.item() == loss.item()  # the dead agent's sample changes nothing, and the mean is over 3
+
+
+def test_critic_inputs_ep_and_fp():
+    state, obs = torch.randn(5, 4, 10), torch.randn(5, 4, 3, 6)  # (T, E, state_dim), (T, E, N, obs_dim)
+    assert lv.critic_inputs(state, obs, "EP").shape == (5, 4, 1, 10)
+    fp = lv.critic_inputs(state, obs, "FP")
+    assert fp.shape == (5, 4, 3, 10 + 6 + 3)
+    torch.testing.assert_close(fp[2, 1, 2], torch.cat([state[2, 1], obs[2, 1, 2], torch.tensor([0.0, 0.0, 1.0])]))
+
+
+def test_critic_loss_ignores_dead_agents_values():
+    new, old, ret = torch.tensor([[1.0, 5.0]]), torch.tensor([[1.0, 5.0]]), torch.tensor([[2.0, -100.0]])
+    loss = lv.critic_loss(new, old, ret, 0.2, False, None, torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(loss, torch.tensor(0.5))
+
+
+# ---------------------------------------------------------------- SMAX adapter
+
+
+def test_smax_shapes_masks_and_episode_ends(smax_3m):
+    envs = smax_3m
+    assert (envs.num_agents, envs.obs_dim, envs.num_actions, envs.state_dim) == (3, 75, 8, 72)
+    out = envs.reset()
+    assert out["obs"].shape == (16, 3, 75) and out["state"].shape == (16, 72) and out["avail"].dtype == torch.bool
+    torch.manual_seed(0)
+    ends = {"terminated": 0, "truncated": 0, "won": 0}
+    for _ in range(120):  # longer than an episode (100 steps): every environment ends at least once
+        actions = torch.distributions.Categorical(probs=out["avail"].float()).sample()
+        before = out["obs"]
+        out = envs.step(actions)
+        dead = out["active"] == 0
+        # a dead agent can only stop (SMAX's action 4); the stop action is always available
+        assert (
+            out["avail"][..., 4].all() and not out["avail"][dead][:, :4].any() and not out["avail"][dead][:, 5:].any()
+        )
+        assert not (out["terminated"] & out["truncated"]).any() and not (out["won"] & ~out["terminated"]).any()
+        done = out["terminated"] | out["truncated"]
+        # a finished game's final observation is returned beside the next game's first one
+        assert not torch.equal(out["final_obs"][done], out["obs"][done]) or not done.any()
+        torch.testing.assert_close(out["final_obs"][~done], out["obs"][~done])
+        assert (out["active"][done] == 1).all()  # the new game starts with everyone alive
+        for key in ends:
+            ends[key] += int(out[key].sum())
+        assert before.shape == out["obs"].shape
+    assert ends["terminated"] >= 16  # random play loses: wins are checked by the learning run
+
+
+def test_smax_time_limit_is_a_truncation_with_the_final_state():
+    envs = lv.SMAXEnvs("3m", num_envs=4, seed=0, device=torch.device("cpu"))
+    envs.env._env.max_steps = 5  # read when the step is first traced; SMAX ends a game one step after it
+    out = envs.reset()
+    stop = torch.full((4, 3), 4)  # nobody moves or shoots: no side is wiped out in 6 steps
+    for t in range(1, 7):
+        states = out["state"]
+        out = envs.step(stop)
+        assert not out["terminated"].any() and out["truncated"].all() == (t == 6)
+    torch.testing.assert_close(out["final_state"][:, :3], states[:, :3], atol=0.2, rtol=0)  # the old game's end
+    assert not torch.equal(out["final_state"], out["state"])  # beside the new game's start
+
+
+# ---------------------------------------------------------------- StarCraft II adapter, driven by a stand-in
+
+
+class StandInStarCraft2Env:
+    """Has smac's StarCraft2Env methods and return shapes; its episodes and crashes follow a script.
+
+    Agent 1 dies at step 2. Episodes end at step 4: won (info battle_won) or, with episode_limit 4, at the limit.
+    `crash_at` makes step raise as a dead game process does; `smac_restart_at` returns smac's own (0, True, {}).
+    """
+
+    instances = 0
+
+    def __init__(self, episode_limit: int = 10, crash_at: int = -1, smac_restart_at: int = -1):
+        StandInStarCraft2Env.instances += 1
+        self.episode_limit, self.crash_at, self.smac_restart_at = episode_limit, crash_at, smac_restart_at
+        self.t, self.total_steps, self.closed = 0, 0, False
+
+    def get_env_info(self) -> dict:
+        return {"n_agents": 3, "n_actions": 6, "obs_shape": 5, "state_shape": 7, "episode_limit": self.episode_limit}
+
+    def reset(self):
+        self.t = 0
+        return self.get_obs(), self.get_state()
+
+    def get_obs(self) -> list:
+        return [np.full(5, 10 * self.t + i, np.float32) for i in range(3)]
+
+    def get_state(self) -> np.ndarray:
+        return np.full(7, self.t, np.float32)
+
+    def get_avail_actions(self) -> list:
+        alive = [[0, 1, 1, 1, 1, 1]] * 3
+        if self.t >= 2:
+            alive[1] = [1, 0, 0, 0, 0, 0]
+        return alive
+
+    def step(self, actions: list):
+        assert len(actions) == 3
+        self.total_steps += 1
+        if self.total_steps == self.crash_at:
+            raise ConnectionError("websocket closed")
+        if self.total_steps == self.smac_restart_at:
+            return 0, True, {}
+        self.t += 1
+        if self.t == min(4, self.episode_limit):
+            if self.episode_limit == 4:
+                return 1.0, True, {"battle_won": False, "episode_limit": True}
+            return 2.0, True, {"battle_won": True, "dead_allies": 1, "dead_enemies": 3}
+        return 0.5, False, {"battle_won": False}
+
+    def close(self):
+        self.closed = True
+
+
+def test_sc2_adapter_shapes_episode_ends_and_dead_agents():
+    envs = lv.SC2Envs("3m", 2, 0, torch.device("cpu"), make_game=lambda i: StandInStarCraft2Env(10 if i == 0 else 4))
+    out = envs.reset()
+    assert out["obs"].shape == (2, 3, 5) and out["state"].shape == (2, 7) and out["avail"].shape == (2, 3, 6)
+    actions = torch.ones(2, 3, dtype=torch.long)
+    for t in range(1, 5):
+        out = envs.step(actions)
+        if t < 4:
+            assert not (out["terminated"] | out["truncated"]).any()
+            torch.testing.assert_close(out["reward"], torch.tensor([0.5, 0.5]))
+        assert out["active"][:, 1].tolist() == ([False, False] if t in (2, 3) else [True, True])
+    # game 0 won at step 4 (terminated), game 1 hit its limit (truncated): both reset, final state kept
+    assert out["terminated"].tolist() == [True, False] and out["truncated"].tolist() == [False, True]
+    assert out["won"].tolist() == [True, False] and not out["restarted"].any()
+    torch.testing.assert_close(out["final_state"], torch.full((2, 7), 4.0))
+    torch.testing.assert_close(out["state"], torch.zeros(2, 7))
+    assert envs.restarts == 0
+
+
+def test_sc2_adapter_restarts_a_crashed_game_and_goes_on(capsys):
+    made = []
+
+    def make_game(i: int) -> StandInStarCraft2Env:
+        made.append(i)
+        return StandInStarCraft2Env(
+            crash_at=2 if made.count(i) == 1 and i == 1 else -1, smac_restart_at=3 if i == 0 else -1
+        )
+
+    envs = lv.SC2Envs("3m", 2, 0, torch.device("cpu"), make_game=make_game)
+    envs.reset()
+    actions = torch.zeros(2, 3, dtype=torch.long)
+    out = envs.step(actions)
+    first_game_1 = envs.games[1]
+    out = envs.step(actions)  # game 1's process dies here
+    assert out["restarted"].tolist() == [False, True] and out["truncated"].tolist() == [False, True]
+    assert not out["terminated"].any() and out["reward"][1] == 0
+    assert first_game_1.closed and envs.games[1] is not first_game_1 and made == [0, 1, 1]
+    torch.testing.assert_close(out["final_state"][1], torch.full((7,), 1.0))  # the last state seen before the crash
+    torch.testing.assert_close(out["state"][1], torch.zeros(7))  # the new game starts fresh
+    assert "game 1 crashed" in capsys.readouterr().err
+    out = envs.step(actions)  # smac restarted game 0 itself: (0, True, {})
+    assert out["restarted"].tolist() == [True, False] and envs.restarts == 2
+    out = envs.step(actions)  # and training goes on in both games
+    assert not out["restarted"].any() and out["obs"].shape == (2, 3, 5)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize(
+    "env_id, flags",
+    [("3m", ("--save-model", "--eval-episodes", "4")), ("2s3z", ("--state-type", "EP", "--factor", "raw"))],
+)
+def test_end_to_end_logs_the_contract(tmp_cwd, env_id, flags):
+    result = run_script(SCRIPT, "--env-id", env_id, *TINY, *flags, cwd=tmp_cwd)
+    assert result.returncode == 0, result.stderr
+    assert "Submoduled" not in result.stdout  # jaxmarl's import notice is silenced
+    scalars = read_scalars(only_run_dir(tmp_cwd))
+    num_agents = {"3m": 3, "2s3z": 5}[env_id]
+    per_position = [tag.format(k) for tag in PER_POSITION for k in range(num_agents)]
+    assert_logged_and_finite(scalars, CONTRACT + per_position + ["charts/win_rate"])
+    assert all(0 <= value <= 1 for _, value in scalars["charts/win_rate"])
+    assert [step for step, _ in scalars["charts/SPS"]] == [320, 640]
+    if "--save-model" in flags:
+        assert_logged_and_finite(scalars, ["eval/episodic_return", "eval/win_rate"])
+        assert len(scalars["eval/episodic_return"]) == 4
+        assert "eval: mean episodic_return=" in result.stdout
+
+
+def test_same_seed_same_losses(tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        result = run_script(SCRIPT, *TINY, "--seed", "3", cwd=tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        scalars = read_scalars(only_run_dir(tmp_path / name))
+        losses.append([scalars[tag] for tag in ("losses/policy_loss", "losses/value_loss", "charts/episodic_return")])
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--env-id", "4m"), "unknown SMAX map --env-id '4m'"),
+        (("--backend", "starcraft"), "invalid choice 'starcraft' for argument '--backend'"),
+        (("--backend", "sc2"), "pip install git+https://github.com/oxwhirl/smac.git"),
+        (("--state-type", "XP"), "invalid choice 'XP'"),
+        (("--num-envs", "0"), "--num-envs must be at least 1"),
+        (("--num-minibatches", "100000"), "exceeds the batch"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_cwd, flags, message):
+    assert_one_line_error(run_script(SCRIPT, *flags, cwd=tmp_cwd), message, tmp_cwd)
+
+
+def test_short_learning_run_beats_random_policy(tmp_cwd, smax_3m):
+    # a uniformly random policy over the available actions, on the same map
+    envs, returns = smax_3m, []
+    out, episode_returns = envs.reset(), torch.zeros(16)
+    torch.manual_seed(0)
+    while len(returns) < 100:
+        out = envs.step(torch.distributions.Categorical(probs=out["avail"].float()).sample())
+        episode_returns += out["reward"]
+        done = out["terminated"] | out["truncated"]
+        returns += episode_returns[done].tolist()
+        episode_returns *= ~done
+    random_return = float(np.mean(returns))
+
+    result = run_script(SCRIPT, "--total-timesteps", "96000", "--seed", "1", cwd=tmp_cwd, timeout=900)
+    assert result.returncode == 0, result.stderr
+    scalars = read_scalars(only_run_dir(tmp_cwd))
+    last = [value for step, value in scalars["charts/episodic_return"] if step > 96000 - 3200 * 5]
+    assert np.mean(last) > random_return + 0.3, (np.mean(last), random_return)
