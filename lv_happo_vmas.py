@@ -1,0 +1,795 @@
+# lv_happo_vmas.py: LV-HAPPO on VMAS, the whole loop on one device. Docs: README.md, section "lv_happo_vmas.py".
+import contextlib
+import importlib.util
+import io
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical, Normal
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+# scenarios whose agents all receive the same reward (checked by the tests): the team reward is that reward;
+# in every other scenario it is the sum of the agents' rewards
+SHARED_REWARD = ("simple_spread", "simple", "balance", "transport", "reverse_transport", "wheel", "sampling")
+SHARED_REWARD += ("dropout", "football", "joint_passage", "buzz_wire", "ball_passage")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, simulate and train on the GPU (falls back to the CPU with a warning when there is none)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "lv-marl"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, record one evaluation episode as a video under `videos/{run_name}` (headless)"""
+    save_model: bool = False
+    """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
+
+    # Algorithm specific arguments
+    env_id: str = "simple_spread"
+    """the VMAS scenario: simple_spread, navigation, balance, transport, wheel, ... (see README)"""
+    num_agents: Optional[int] = None
+    """the number of agents, for scenarios that take one (the scenario's default when not given)"""
+    continuous_actions: bool = True
+    """if toggled, continuous actions (Gaussian policies); `--no-continuous-actions` for discrete ones"""
+    max_steps: Optional[int] = None
+    """the length of an episode before truncation (25 for the simple_* MPE scenarios, 100 otherwise, when not given)"""
+    total_timesteps: int = 10_000_000
+    """total joint environment steps of the experiment"""
+    learning_rate: float = 5e-4
+    """the learning rate of the actors' optimizers"""
+    critic_learning_rate: float = 5e-4
+    """the learning rate of the critic's optimizer"""
+    anneal_lr: bool = False
+    """if toggled, anneal both learning rates linearly to zero"""
+    num_envs: int = 1024
+    """the number of environments, simulated as one batch"""
+    torch_threads: int = 1
+    """torch's CPU threads: a second one helps large batches on an idle machine, and spin-waits on a busy one"""
+    num_steps: int = 25
+    """the number of steps to run in each environment per policy rollout"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches per epoch (actors and critic)"""
+    update_epochs: int = 2
+    """the number of epochs of each actor's update"""
+    critic_epochs: int = 2
+    """the number of epochs of the critic's update"""
+    norm_adv: bool = True
+    """if toggled, normalize the advantages over the batch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient (also clips the value loss)"""
+    clip_vloss: bool = True
+    """if toggled, use the clipped value loss"""
+    huber_delta: Optional[float] = 10.0
+    """the delta of the critic's Huber loss (`None` for the squared error)"""
+    norm_value: bool = True
+    """if toggled, normalize the value targets with running statistics"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    max_grad_norm: float = 10.0
+    """the maximum norm for the gradient clipping"""
+    hidden_sizes: tuple[int, ...] = (128, 128)
+    """the hidden layer sizes of the actors and the critic"""
+    std_param: Literal["sigmoid", "log"] = "sigmoid"
+    """Gaussian std: `sigmoid` is HARL's 0.5*sigmoid(p) (0.37 at start, at most 0.5); `log` is a free log-std"""
+    factor: Literal["clipped", "raw", "none"] = "clipped"
+    """the factor M that weights a later agent's advantage: `clipped` min(M, c) is LV-HAPPO, `raw` is plain
+    HAPPO, `none` (M = 1) is the MAPPO-style update"""
+    factor_clip: float = 1.0
+    """the upper bound c of the clipped factor"""
+    fixed_order: bool = False
+    """if toggled, update the agents in their fixed order instead of a random permutation per iteration"""
+    eval_episodes: int = 100
+    """the number of deterministic evaluation episodes at the end (with --save-model or --capture-video)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def parse_args(argv: Optional[list] = None) -> Args:
+    """tyro's parser, its boxed error report folded into one line (help still prints in full)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args, args=argv)
+    except SystemExit as exit_:
+        if not exit_.code:
+            raise
+        # the box's body up to its first rule: the message, without the help text tyro appends
+        report = captured.getvalue().splitlines()[1:]
+        report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
+        message = " ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split())
+        sys.exit(f"{os.path.basename(__file__)}: error: {message} (see --help)")
+
+
+def vmas_scenarios() -> list:
+    import vmas
+
+    return sorted(vmas.scenarios + vmas.mpe_scenarios + vmas.debug_scenarios)
+
+
+def check_args(args: Args) -> Optional[str]:
+    """Returns what is wrong with the flags, as one line that says what to do, or None."""
+    if importlib.util.find_spec("vmas") is None:
+        return "this script needs vmas: pip install -r requirements.txt (or pip install vmas)"
+    if args.env_id not in (scenarios := vmas_scenarios()):
+        return f"unknown VMAS scenario --env-id {args.env_id!r}: choose one of {', '.join(scenarios)}"
+    if args.num_agents is not None and args.num_agents < 1:
+        return f"--num-agents must be at least 1, got {args.num_agents}"
+    if args.max_steps is not None and args.max_steps < 1:
+        return f"--max-steps must be at least 1, got {args.max_steps}"
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "eval_episodes"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    for name in ("learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm", "factor_clip"):
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    if args.torch_threads < 1:
+        return f"--torch-threads must be at least 1, got {args.torch_threads}"
+    if args.update_epochs < 0 or args.critic_epochs < 0 or args.ent_coef < 0:
+        return "--update-epochs, --critic-epochs and --ent-coef must not be negative"
+    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        return "--gamma and --gae-lambda must lie in [0, 1]"
+    if args.huber_delta is not None and not args.huber_delta > 0:
+        return f"--huber-delta must be positive (or None for the squared error), got {args.huber_delta}"
+    if not args.hidden_sizes or min(args.hidden_sizes) < 1:
+        return "--hidden-sizes needs at least one positive layer size, e.g. --hidden-sizes 128 128"
+    if args.num_minibatches > args.num_envs * args.num_steps:
+        return f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.num_envs * args.num_steps} samples"
+    try:  # the scenario itself decides which agent counts it takes
+        VMASEnvs(args.env_id, args.num_agents, args.continuous_actions, 1, args.max_steps, 0, torch.device("cpu"))
+    except (AssertionError, ValueError, TypeError) as error:
+        return f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out"
+    return None
+
+
+class VMASEnvs:
+    """`num_envs` copies of a VMAS scenario simulated as one batch on `device`, seen as padded tensors.
+
+    obs (E, N, max_obs_dim): each agent's observation zero-padded to the largest; state (E, sum of obs dims): all
+    agents' observations joined (VMAS has no global state); actions (E, N, max_act_dim) floats, each agent reading
+    its first act_dim entries (continuous; VMAS clamps them to the agent's range), or (E, N) integers (discrete).
+    `step` returns obs, state, the team reward (E,), terminated, truncated (E,) bool and final_state, the state
+    before a finished environment's reset: finished environments are reset in place, each on its own (all in one
+    call when they all finish together), and obs and state already belong to the next episode.
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        num_agents: Optional[int],
+        continuous_actions: bool,
+        num_envs: int,
+        max_steps: Optional[int],
+        seed: int,
+        device: torch.device,
+    ):
+        import vmas
+
+        with contextlib.redirect_stdout(io.StringIO()):  # vmas may print notices while building a scenario
+            self.env = vmas.make_env(
+                env_id,
+                num_envs=num_envs,
+                device=device,
+                continuous_actions=continuous_actions,
+                max_steps=max_steps or (25 if env_id.startswith("simple") else 100),
+                seed=seed,
+                terminated_truncated=True,
+                clamp_actions=True,
+                **({} if num_agents is None else {"n_agents": num_agents}),
+            )
+        if num_agents is not None and self.env.n_agents != num_agents:
+            raise ValueError(f"it has {self.env.n_agents} agents whatever --num-agents says")
+        self.num_envs, self.continuous, self.shared_reward = num_envs, continuous_actions, env_id in SHARED_REWARD
+        self.agents = self.env.agents
+        self.obs_dims = [space.shape[0] for space in self.env.observation_space]
+        self.act_dims = [
+            self.env.get_agent_action_size(a) if continuous_actions else int(s.n)
+            for a, s in zip(self.agents, self.env.action_space, strict=True)
+        ]
+        self.state_dim = sum(self.obs_dims)
+
+    def _arrays(self, obs: list) -> tuple:
+        padded = torch.stack([F.pad(o, (0, max(self.obs_dims) - o.shape[-1])) for o in obs], 1)
+        return padded, torch.cat(obs, -1)
+
+    def reset(self) -> tuple:
+        return self._arrays(self.env.reset())
+
+    def step(self, actions: torch.Tensor) -> tuple:
+        if self.continuous:
+            agent_actions = [actions[:, i, :dim] for i, dim in enumerate(self.act_dims)]
+        else:
+            agent_actions = [actions[:, i] for i in range(len(self.agents))]
+        obs, rewards, terminated, truncated, _ = self.env.step(agent_actions)
+        rewards = torch.stack([r.reshape(self.num_envs) for r in rewards], 1)  # (E, N)
+        reward = rewards[:, 0] if self.shared_reward else rewards.sum(1)
+        final_obs, final_state = self._arrays(obs)
+        done = terminated | truncated
+        done_envs = done.nonzero().flatten().tolist()  # VMAS resets by index: the one host copy of a step
+        if len(done_envs) == self.num_envs:
+            obs = self.env.reset()
+        elif done_envs:
+            for env_idx in done_envs:
+                self.env.reset_at(env_idx, return_observations=False)
+            obs = self.env.get_from_scenario(
+                get_observations=True, get_rewards=False, get_infos=False, get_dones=False
+            )[0]
+        next_obs, next_state = self._arrays(obs) if done_envs else (final_obs, final_state)
+        return next_obs, next_state, reward, terminated, truncated, final_state
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
+    """LayerNorm on the input, then Linear-ReLU-LayerNorm blocks (HARL's MLP base)."""
+    layers = [nn.LayerNorm(in_dim)]
+    for size in hidden_sizes:
+        layers += [layer_init(nn.Linear(in_dim, size)), nn.ReLU(), nn.LayerNorm(size)]
+        in_dim = size
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """One agent's policy over its local observation: Gaussian (state-independent std) or categorical."""
+
+    def __init__(self, obs_dim: int, act_dim: int, continuous: bool, hidden_sizes: tuple[int, ...], std_param: str):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.continuous, self.std_type = obs_dim, act_dim, continuous, std_param
+        self.net = mlp(obs_dim, hidden_sizes)
+        self.head = layer_init(nn.Linear(hidden_sizes[-1], act_dim), std=0.01)
+        if continuous:  # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
+            self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Distribution:
+        """The action distribution given padded observations (..., max_obs_dim)."""
+        out = self.head(self.net(obs[..., : self.obs_dim]))
+        if not self.continuous:
+            return Categorical(logits=out)
+        return Normal(out, self.std().expand_as(out))
+
+    def std(self) -> torch.Tensor:
+        """The state-independent standard deviation of a Gaussian policy, one per action dimension."""
+        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
+
+    def log_prob_entropy(self, dist: torch.distributions.Distribution, action: torch.Tensor):
+        """Log-probability of padded actions and the entropy, summed over action dimensions when continuous."""
+        if not self.continuous:
+            return dist.log_prob(action), dist.entropy()
+        return dist.log_prob(action[..., : self.act_dim]).sum(-1), dist.entropy().sum(-1)
+
+
+class BatchedActors:
+    """Every agent's actor as one network for acting: each layer's weights stacked along a leading agent dimension
+    and applied by one batched matmul, instead of a Python loop over agents (same distributions, fewer calls).
+
+    Agents of different sizes are zero-padded: the input LayerNorm runs over each agent's own observation entries,
+    and the padded action entries get no probability. The Actor modules stay the source of truth; `load` copies
+    their weights in after every update.
+    """
+
+    def __init__(self, actors: nn.ModuleList):
+        device = actors[0].head.weight.device
+        obs_dims = torch.tensor([a.obs_dim for a in actors], device=device).view(-1, 1, 1)
+        act_dims = torch.tensor([a.act_dim for a in actors], device=device).view(-1, 1, 1)
+        self.shapes = (int(obs_dims.max()), int(act_dims.max()))  # (max_obs_dim, max_act_dim)
+        self.continuous, self.obs_dims = actors[0].continuous, obs_dims.float()  # (N, 1, 1)
+        self.obs_mask = torch.arange(self.shapes[0], device=device) < obs_dims  # (N, 1, max_obs_dim)
+        self.act_mask = torch.arange(self.shapes[1], device=device) < act_dims  # (N, 1, max_act_dim)
+        self.load(actors)
+
+    @torch.no_grad()
+    def load(self, actors: nn.ModuleList) -> None:
+        def stack(tensors: list, shape: tuple) -> torch.Tensor:  # zero-padded to shape, stacked over agents
+            padded = tensors[0].new_zeros((len(tensors),) + shape)
+            for i, t in enumerate(tensors):
+                padded[(i,) + tuple(slice(0, n) for n in t.shape)] = t
+            return padded
+
+        max_obs_dim, max_act_dim = self.shapes
+        layers = [list(actor.net) for actor in actors]  # LayerNorm, then (Linear, ReLU, LayerNorm) per hidden layer
+        self.norm_in = [
+            stack([layer[0].weight for layer in layers], (max_obs_dim,)).unsqueeze(1),
+            stack([layer[0].bias for layer in layers], (max_obs_dim,)).unsqueeze(1),
+        ]
+        self.hidden = []
+        for j in range(1, len(layers[0]), 3):
+            linear, norm = [layer[j] for layer in layers], [layer[j + 2] for layer in layers]
+            out_dim, in_dim = linear[-1].weight.shape[0], max_obs_dim if j == 1 else linear[-1].weight.shape[1]
+            self.hidden.append(
+                [
+                    stack([m.weight for m in linear], (out_dim, in_dim)).transpose(1, 2),
+                    stack([m.bias for m in linear], (out_dim,)).unsqueeze(1),
+                    stack([m.weight for m in norm], (out_dim,)).unsqueeze(1),
+                    stack([m.bias for m in norm], (out_dim,)).unsqueeze(1),
+                ]
+            )
+        hidden_dim = actors[0].head.weight.shape[1]
+        self.head = [
+            stack([a.head.weight for a in actors], (max_act_dim, hidden_dim)).transpose(1, 2),
+            stack([a.head.bias for a in actors], (max_act_dim,)).unsqueeze(1),
+        ]
+        if self.continuous:
+            stds = [a.std() for a in actors]
+            self.std = stack(stds, (max_act_dim,)).unsqueeze(1) + ~self.act_mask  # padding: std 1, masked anyway
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim) or (E, N), log-probabilities (E, N)."""
+        x = obs.transpose(0, 1) * self.obs_mask  # (N, E, max_obs_dim)
+        mean = x.sum(-1, keepdim=True) / self.obs_dims
+        var = ((x - mean) * self.obs_mask).pow(2).sum(-1, keepdim=True) / self.obs_dims
+        x = (x - mean) / (var + 1e-5).sqrt() * self.norm_in[0] + self.norm_in[1]
+        for weight, bias, norm_weight, norm_bias in self.hidden:
+            x = torch.baddbmm(bias, x, weight).relu()
+            x = F.layer_norm(x, x.shape[-1:]) * norm_weight + norm_bias
+        out = torch.baddbmm(self.head[1], x, self.head[0])  # (N, E, max_act_dim)
+        if self.continuous:
+            action = out if deterministic else out + self.std * torch.randn_like(out)
+            action = action * self.act_mask
+            logprob = (Normal(out, self.std).log_prob(action) * self.act_mask).sum(-1)
+            return action.transpose(0, 1), logprob.transpose(0, 1)
+        dist = Categorical(logits=out.masked_fill(~self.act_mask, -torch.inf))
+        action = dist.probs.argmax(-1) if deterministic else dist.sample()
+        return action.transpose(0, 1), dist.log_prob(action).transpose(0, 1)
+
+
+class Critic(nn.Module):
+    """Centralized value function V(s) on the global state."""
+
+    def __init__(self, state_dim: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        self.net = nn.Sequential(mlp(state_dim, hidden_sizes), layer_init(nn.Linear(hidden_sizes[-1], 1), std=1.0))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state).squeeze(-1)
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL).
+
+    The critic predicts normalized values; `denormalize` maps them back to returns. Disabled, it is the identity.
+    """
+
+    def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
+        super().__init__()
+        self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        debias = self.debiasing_term.clamp(min=self.epsilon)
+        mean, mean_sq = self.running_mean / debias, self.running_mean_sq / debias
+        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if self.enabled:
+            self.running_mean.mul_(self.beta).add_(x.mean() * (1 - self.beta))
+            self.running_mean_sq.mul_(self.beta).add_((x**2).mean() * (1 - self.beta))
+            self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        mean, var = self.mean_var()
+        return (x - mean) / var.sqrt()
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        mean, var = self.mean_var()
+        return x * var.sqrt() + mean
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_value: torch.Tensor,
+    terminations: torch.Tensor,
+    truncations: torch.Tensor,
+    final_values: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
+    """GAE(gamma, lambda) over a rollout of shape (num_steps, num_envs) with exact episode ends.
+
+    delta_t = r_t + gamma * V_next_t - V(s_t), A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where
+    V_next_t is V(s_{t+1}) inside an episode, 0 after a termination, and V(final state) after a truncation (the
+    vector env has already reset, so s_{t+1} belongs to the next episode); next_value is V of the state after the
+    last step and final_values holds V(final state) where truncations is set.
+    """
+    next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
+    next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
+    not_done = 1.0 - torch.maximum(terminations, truncations)
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * not_done[t] * lastgaelam
+    return advantages
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def factor_used(factor: torch.Tensor, mode: str, factor_clip: float) -> torch.Tensor:
+    """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
+    if mode == "clipped":
+        return factor.clamp(max=factor_clip)
+    if mode == "raw":
+        return factor
+    return torch.ones_like(factor)
+
+
+def accumulate_factor(
+    factor: torch.Tensor, newlogprob: torch.Tensor, oldlogprob: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """M <- M * pi_new(a|o) / pi_old(a|o) on every sample (unclipped); masked samples keep their factor."""
+    return factor * torch.where(mask > 0, (newlogprob - oldlogprob).exp(), torch.ones_like(factor))
+
+
+def actor_loss(
+    newlogprob: torch.Tensor,
+    oldlogprob: torch.Tensor,
+    advantages: torch.Tensor,
+    factor: torch.Tensor,
+    mask: torch.Tensor,
+    clip_coef: float,
+) -> torch.Tensor:
+    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] over the samples where mask is 1."""
+    ratio = (newlogprob - oldlogprob).exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    return -masked_mean(factor * surrogate, mask)
+
+
+def critic_loss(
+    newvalue: torch.Tensor,
+    oldvalue: torch.Tensor,
+    returns: torch.Tensor,
+    clip_coef: float,
+    clip_vloss: bool,
+    huber_delta: Optional[float],
+) -> torch.Tensor:
+    """Huber (or squared) error of the normalized value, the worse of clipped and unclipped when clip_vloss."""
+
+    def error(v: torch.Tensor) -> torch.Tensor:
+        if huber_delta is None:
+            return 0.5 * (v - returns) ** 2
+        return F.huber_loss(v, returns, reduction="none", delta=huber_delta)
+
+    if not clip_vloss:
+        return error(newvalue).mean()
+    v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
+    return torch.max(error(newvalue), error(v_clipped)).mean()
+
+
+def build_actors(envs: VMASEnvs, args: Args) -> nn.ModuleList:
+    return nn.ModuleList(
+        Actor(obs_dim, act_dim, envs.continuous, args.hidden_sizes, args.std_param)
+        for obs_dim, act_dim in zip(envs.obs_dims, envs.act_dims, strict=True)
+    )
+
+
+def evaluate(model_path: str, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
+    """Runs deterministic episodes with the actors saved in model_path, one per environment of one batch, and
+    returns their team returns; with video_folder, environment 0's episode is rendered into a video there."""
+    envs = VMASEnvs(
+        args.env_id,
+        args.num_agents,
+        args.continuous_actions,
+        args.eval_episodes,
+        args.max_steps,
+        args.seed + 10_000,
+        device,
+    )
+    actors = build_actors(envs, args).to(device)
+    actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])
+    policy = BatchedActors(actors)
+    next_obs, _ = envs.reset()
+    episode_returns = torch.zeros(args.eval_episodes, device=device)
+    returns = torch.full((args.eval_episodes,), torch.nan, device=device)  # each environment's first episode
+    frames = []
+    while returns.isnan().any():
+        if video_folder is not None and returns[0].isnan():
+            frames.append(envs.env.render(mode="rgb_array", env_index=0))
+        action, _ = policy.act(next_obs, deterministic=True)
+        next_obs, _, reward, terminated, truncated, _ = envs.step(action)
+        episode_returns += reward
+        done = terminated | truncated
+        returns = torch.where(done & returns.isnan(), episode_returns, returns)
+        episode_returns *= ~done
+    if frames:
+        from gymnasium.utils.save_video import save_video
+
+        save_video(frames, video_folder, fps=30, name_prefix=args.env_id)
+    return returns.tolist()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if (problem := check_args(args)) is not None:
+        sys.exit(f"{os.path.basename(__file__)}: error: {problem}")
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    num_agents_tag = f"_n{args.num_agents}" if args.num_agents is not None else ""
+    run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        sys.exit(f"{os.path.basename(__file__)}: error: --capture-video needs moviepy: pip install moviepy")
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            sys.exit(f"{os.path.basename(__file__)}: error: --track needs wandb: pip install wandb")
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
+
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.set_num_threads(args.torch_threads)
+
+    # env setup: every environment in one batched simulator on the training device
+    envs = VMASEnvs(
+        args.env_id, args.num_agents, args.continuous_actions, args.num_envs, args.max_steps, args.seed, device
+    )
+    num_agents = len(envs.agents)
+    obs_shape = (num_agents, max(envs.obs_dims))  # (num_agents, max_obs_dim)
+    max_act_dim = max(envs.act_dims) if args.continuous_actions else 1
+
+    actors = build_actors(envs, args).to(device)
+    policy = BatchedActors(actors)  # all actors in one batched network for the rollout, reloaded after each update
+    critic = Critic(envs.state_dim, args.hidden_sizes).to(device)
+    value_norm = ValueNorm(args.norm_value).to(device)
+    actor_optimizers = [
+        torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for actor in actors
+    ]
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
+
+    # ALGO Logic: Storage setup
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
+    states = torch.zeros((args.num_steps, args.num_envs, envs.state_dim), device=device)  # (T, E, state_dim)
+    final_states = torch.zeros_like(states)  # the state before a reset at step t
+    action_shape = (num_agents, max_act_dim) if args.continuous_actions else (num_agents,)
+    actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)  # (T, E, N[, max_act_dim])
+    logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): the team reward
+    terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
+    truncations = torch.zeros((args.num_steps, args.num_envs), device=device)
+    # finished episodes, kept on the device and logged once per iteration: (T, E) each
+    finished = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+    finished_returns, finished_lengths = torch.zeros_like(rewards), torch.zeros_like(rewards)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step = 0
+    start_time = time.time()
+    next_obs, next_state = envs.reset()
+    episode_returns = torch.zeros(args.num_envs, device=device)
+    episode_lengths = torch.zeros(args.num_envs, device=device)
+    mean_return = float("nan")
+    progress = tqdm(total=args.num_iterations * args.batch_size, unit="step", disable=not sys.stderr.isatty())
+
+    for iteration in range(1, args.num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            for optimizer in actor_optimizers:
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            critic_optimizer.param_groups[0]["lr"] = frac * args.critic_learning_rate
+
+        rollout_start = time.time()
+        for step in range(args.num_steps):
+            obs[step], states[step] = next_obs, next_state
+
+            # ALGO LOGIC: each agent acts on its own observation with its own actor (all agents in one batched call)
+            actions[step], logprobs[step] = policy.act(next_obs)
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, next_state, rewards[step], terminated, truncated, final_states[step] = envs.step(
+                actions[step] if args.continuous_actions else actions[step].long()
+            )
+            terminations[step], truncations[step] = terminated, truncated
+            episode_returns += rewards[step]
+            episode_lengths += 1
+            finished[step] = terminated | truncated
+            finished_returns[step], finished_lengths[step] = episode_returns, episode_lengths
+            episode_returns *= ~finished[step]
+            episode_lengths *= ~finished[step]
+        global_step += args.batch_size
+        if finished.any():
+            ends = finished.nonzero()  # (episodes, 2): step and environment of each episode's end
+            steps_of_end = (global_step - args.batch_size + (ends[:, 0] + 1) * args.num_envs).tolist()
+            ends_returns, ends_lengths = finished_returns[finished].tolist(), finished_lengths[finished].tolist()
+            for step_of_end, episodic_return, episodic_length in zip(
+                steps_of_end, ends_returns, ends_lengths, strict=True
+            ):
+                writer.add_scalar("charts/episodic_return", episodic_return, step_of_end)
+                writer.add_scalar("charts/episodic_length", episodic_length, step_of_end)
+            mean_return = float(np.mean(ends_returns))
+
+        update_start = time.time()
+        # bootstrap value if not done
+        with torch.no_grad():
+            values = value_norm.denormalize(critic(states))  # (T, E)
+            next_value = value_norm.denormalize(critic(next_state))
+            final_values = value_norm.denormalize(critic(final_states))
+            advantages = compute_gae(
+                rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
+            )
+            returns = advantages + values
+            value_norm.update(returns)
+
+        # flatten the batch
+        b_obs = obs.reshape((-1,) + obs_shape)
+        b_states = states.reshape(-1, envs.state_dim)
+        b_actions = actions.reshape((-1,) + action_shape)
+        b_logprobs = logprobs.reshape(-1, num_agents)
+        b_active = torch.ones_like(b_logprobs)  # VMAS agents never leave an episode early
+        b_advantages = advantages.reshape(-1)
+        b_returns = value_norm.normalize(returns.reshape(-1))
+        b_values = value_norm.normalize(values.reshape(-1))
+        if args.norm_adv:
+            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+
+        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
+        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
+        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+        factor = torch.ones(args.batch_size, device=device)
+        b_inds = np.arange(args.batch_size)
+        pg_losses, entropies, approx_kls, clipfracs = [], [], [], []
+        for k, agent in enumerate(order):
+            m_used = factor_used(factor, args.factor, args.factor_clip)
+            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
+            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
+            writer.add_scalar(
+                f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean().item(), global_step
+            )
+            writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
+
+            actor, optimizer = actors[agent], actor_optimizers[agent]
+            for epoch in range(args.update_epochs):
+                np.random.shuffle(b_inds)
+                for start in range(0, args.batch_size, args.minibatch_size):
+                    mb_inds = b_inds[start : start + args.minibatch_size]
+                    dist = actor.distribution(b_obs[mb_inds, agent])
+                    newlogprob, entropy = actor.log_prob_entropy(dist, b_actions[mb_inds, agent])
+                    mb_mask = b_active[mb_inds, agent]
+                    pg_loss = actor_loss(
+                        newlogprob,
+                        b_logprobs[mb_inds, agent],
+                        b_advantages[mb_inds],
+                        m_used[mb_inds],
+                        mb_mask,
+                        args.clip_coef,
+                    )
+                    entropy_loss = masked_mean(entropy, mb_mask)
+                    loss = pg_loss - args.ent_coef * entropy_loss
+
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    pg_losses.append(pg_loss.item())
+                    entropies.append(entropy_loss.item())
+
+            with torch.no_grad():
+                newlogprob, _ = actor.log_prob_entropy(actor.distribution(b_obs[:, agent]), b_actions[:, agent])
+                logratio = newlogprob - b_logprobs[:, agent]
+                ratio = logratio.exp()
+                approx_kls.append(((ratio - 1) - logratio).mean().item())
+                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
+                factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
+        policy.load(actors)
+
+        # ALGO LOGIC: critic update on the normalized returns
+        v_losses = []
+        for epoch in range(args.critic_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb_inds = b_inds[start : start + args.minibatch_size]
+                newvalue = critic(b_states[mb_inds])
+                v_loss = critic_loss(
+                    newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
+                )
+                critic_optimizer.zero_grad()
+                v_loss.backward()
+                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                critic_optimizer.step()
+                v_losses.append(v_loss.item())
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
+        writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", actor_optimizers[0].param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
+        writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
+        writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
+        writer.add_scalar("losses/approx_kl", np.mean(approx_kls), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        progress.update(args.batch_size)
+        progress.set_postfix(episodic_return=f"{mean_return:.2f}", SPS=sps)
+        progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
+        sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
+
+    progress.close()
+    if args.save_model or args.capture_video:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save(
+            {
+                "actors": actors.state_dict(),
+                "critic": critic.state_dict(),
+                "value_norm": value_norm.state_dict(),
+                "args": vars(args),
+            },
+            model_path,
+        )
+        if args.save_model:
+            print(f"model saved to {model_path}")
+        episodic_returns = evaluate(model_path, args, device, f"videos/{run_name}" if args.capture_video else None)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"eval: mean episodic_return={np.mean(episodic_returns):.2f} over {len(episodic_returns)} episodes")
+        if not args.save_model:
+            os.remove(model_path)
+
+    writer.close()
