@@ -7,6 +7,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -196,7 +197,9 @@ class VMASEnvs:
     ):
         import vmas
 
-        with contextlib.redirect_stdout(io.StringIO()):  # vmas may print notices while building a scenario
+        # vmas may print notices and warn of unused kwargs (an n_agents it ignores is caught below) while building
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             self.env = vmas.make_env(
                 env_id,
                 num_envs=num_envs,
@@ -209,7 +212,7 @@ class VMASEnvs:
                 **({} if num_agents is None else {"n_agents": num_agents}),
             )
         if num_agents is not None and self.env.n_agents != num_agents:
-            raise ValueError(f"it has {self.env.n_agents} agents whatever --num-agents says")
+            raise ValueError(f"it always has {self.env.n_agents} agents")
         self.num_envs, self.continuous, self.shared_reward = num_envs, continuous_actions, env_id in SHARED_REWARD
         self.agents = self.env.agents
         self.obs_dims = [space.shape[0] for space in self.env.observation_space]
