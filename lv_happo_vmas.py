@@ -1,10 +1,12 @@
 # lv_happo_vmas.py: LV-HAPPO on VMAS, the whole loop on one device. Docs: README.md, section "lv_happo_vmas.py".
 import contextlib
+import copy
 import importlib.util
 import io
 import os
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -46,6 +48,13 @@ class Args:
     """if toggled, record one evaluation episode as a video under `videos/{run_name}` (headless)"""
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
+    checkpoint_every: int = 0
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt);
+    each one starts new episodes, so that a run resumed from it continues exactly"""
+    resume: Optional[str] = None
+    """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
+    max_bad_updates: int = 3
+    """stop after this many iterations in a row whose update met a non-finite loss, gradient or parameter"""
 
     # Algorithm specific arguments
     env_id: str = "simple_spread"
@@ -157,6 +166,10 @@ def check_args(args: Args) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     if args.torch_threads < 1:
         return f"--torch-threads must be at least 1, got {args.torch_threads}"
+    if args.checkpoint_every < 0 or args.max_bad_updates < 1:
+        return "--checkpoint-every must not be negative and --max-bad-updates must be at least 1"
+    if args.resume is not None and not os.path.isfile(args.resume):
+        return f"--resume {args.resume}: no such file (checkpoints are written to runs/<run>/checkpoint.pt)"
     if args.update_epochs < 0 or args.critic_epochs < 0 or args.ent_coef < 0:
         return "--update-epochs, --critic-epochs and --ent-coef must not be negative"
     if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
@@ -226,8 +239,8 @@ class VMASEnvs:
         padded = torch.stack([F.pad(o, (0, max(self.obs_dims) - o.shape[-1])) for o in obs], 1)
         return padded, torch.cat(obs, -1)
 
-    def reset(self) -> tuple:
-        return self._arrays(self.env.reset())
+    def reset(self, seed: Optional[int] = None) -> tuple:
+        return self._arrays(self.env.reset(seed=seed))
 
     def step(self, actions: torch.Tensor) -> tuple:
         if self.continuous:
@@ -504,6 +517,110 @@ def critic_loss(
     return torch.max(error(newvalue), error(v_clipped)).mean()
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient or parameter, met before the update reached the parameters."""
+
+
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NonFiniteError(f"non-finite {what}")
+
+
+def training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer) -> dict:
+    """Everything an update changes, as state dicts of the live tensors (deepcopy it to keep a snapshot)."""
+    return {
+        "actors": actors.state_dict(),
+        "critic": critic.state_dict(),
+        "value_norm": value_norm.state_dict(),
+        "actor_optimizers": [optimizer.state_dict() for optimizer in actor_optimizers],
+        "critic_optimizer": critic_optimizer.state_dict(),
+    }
+
+
+def load_training_state(state: dict, actors, critic, value_norm, actor_optimizers, critic_optimizer) -> None:
+    actors.load_state_dict(state["actors"])
+    critic.load_state_dict(state["critic"])
+    value_norm.load_state_dict(state["value_norm"])
+    for optimizer, optimizer_state in zip(actor_optimizers, state["actor_optimizers"], strict=True):
+        optimizer.load_state_dict(optimizer_state)
+    critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Writes a temporary file, then renames it over path: a crash mid-write leaves the previous checkpoint whole."""
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+# flags a resumed run may change; every other one must match the checkpoint's
+RESUME_MAY_CHANGE = {
+    "total_timesteps",
+    "num_iterations",
+    "resume",
+    "checkpoint_every",
+    "max_bad_updates",
+    "cuda",
+    "torch_threads",
+}
+RESUME_MAY_CHANGE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_episodes"}
+
+
+def load_checkpoint(args: Args) -> dict:
+    """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        trained_with = checkpoint["args"]
+    except Exception as error:
+        sys.exit(f"{os.path.basename(__file__)}: error: cannot read the checkpoint {args.resume}: {error!r:.200}")
+    for name, value in vars(args).items():
+        if name not in RESUME_MAY_CHANGE and name in trained_with and trained_with[name] != value:
+            flag = f"--{name.replace('_', '-')}"
+            sys.exit(
+                f"{os.path.basename(__file__)}: error: {args.resume} was trained with {flag} {trained_with[name]}, "
+                f"not {value}: resume with the run's own flags"
+            )
+    return checkpoint
+
+
+def stop_on_signals() -> list:
+    """SIGINT and SIGTERM append to the returned list, which the loop reads between iterations; a second Ctrl-C
+    stops at once."""
+    received = []
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again to stop now)",
+            file=sys.stderr,
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def make_checkpoint(state: dict, global_step: int, iteration: int, run_name: str, args: Args) -> dict:
+    """A training state with what resuming needs besides: random streams, progress, the run and its flags."""
+    progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+    return {**state, "rng": rng_states(), **progress}
+
+
 def build_actors(envs: VMASEnvs, args: Args) -> nn.ModuleList:
     return nn.ModuleList(
         Actor(obs_dim, act_dim, envs.continuous, args.hidden_sizes, args.std_param)
@@ -553,8 +670,11 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    checkpoint = None if args.resume is None else load_checkpoint(args)
     num_agents_tag = f"_n{args.num_agents}" if args.num_agents is not None else ""
     run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint is not None:  # a resumed run appends to its own TensorBoard run
+        run_name = checkpoint["run_name"]
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         sys.exit(f"{os.path.basename(__file__)}: error: --capture-video needs moviepy: pip install moviepy")
     if args.track:
@@ -572,7 +692,8 @@ if __name__ == "__main__":
             monitor_gym=True,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
+    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -622,15 +743,34 @@ if __name__ == "__main__":
     finished_returns, finished_lengths = torch.zeros_like(rewards), torch.zeros_like(rewards)
 
     # TRY NOT TO MODIFY: start the game
-    global_step = 0
-    start_time = time.time()
     next_obs, next_state = envs.reset()
+    global_step, start_iteration, last_iteration = 0, 1, 0
+    if checkpoint is not None:  # continue: weights, optimizers, value statistics, random streams and step count
+        load_training_state(checkpoint, actors, critic, value_norm, actor_optimizers, critic_optimizer)
+        policy.load(actors)
+        set_rng_states(checkpoint["rng"])
+        global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
+        start_iteration = last_iteration + 1
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    start_time, start_step = time.time(), global_step
     episode_returns = torch.zeros(args.num_envs, device=device)
     episode_lengths = torch.zeros(args.num_envs, device=device)
     mean_return = float("nan")
-    progress = tqdm(total=args.num_iterations * args.batch_size, unit="step", disable=not sys.stderr.isatty())
+    interrupted, bad_updates = stop_on_signals(), 0  # signals received; iterations in a row with a skipped update
+    progress = tqdm(
+        initial=global_step, total=args.num_iterations * args.batch_size, unit="step", disable=not sys.stderr.isatty()
+    )
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        if interrupted:
+            break
+        if iteration > 1 and (
+            iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0)
+        ):
+            # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
+            next_obs, next_state = envs.reset(seed=args.seed + iteration - 1)
+            episode_returns.zero_()
+            episode_lengths.zero_()
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             for optimizer in actor_optimizers:
@@ -668,100 +808,125 @@ if __name__ == "__main__":
             mean_return = float(np.mean(ends_returns))
 
         update_start = time.time()
-        # bootstrap value if not done
-        with torch.no_grad():
-            values = value_norm.denormalize(critic(states))  # (T, E)
-            next_value = value_norm.denormalize(critic(next_state))
-            final_values = value_norm.denormalize(critic(final_states))
-            advantages = compute_gae(
-                rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
-            )
-            returns = advantages + values
-            value_norm.update(returns)
+        snapshot = copy.deepcopy(training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer))
+        try:  # a non-finite loss, gradient or parameter undoes the iteration's whole update (see except)
+            # bootstrap value if not done
+            with torch.no_grad():
+                values = value_norm.denormalize(critic(states))  # (T, E)
+                next_value = value_norm.denormalize(critic(next_state))
+                final_values = value_norm.denormalize(critic(final_states))
+                advantages = compute_gae(
+                    rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
+                )
+                returns = advantages + values
+                value_norm.update(returns)
 
-        # flatten the batch
-        b_obs = obs.reshape((-1,) + obs_shape)
-        b_states = states.reshape(-1, envs.state_dim)
-        b_actions = actions.reshape((-1,) + action_shape)
-        b_logprobs = logprobs.reshape(-1, num_agents)
-        b_active = torch.ones_like(b_logprobs)  # VMAS agents never leave an episode early
-        b_advantages = advantages.reshape(-1)
-        b_returns = value_norm.normalize(returns.reshape(-1))
-        b_values = value_norm.normalize(values.reshape(-1))
-        if args.norm_adv:
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+            # flatten the batch
+            b_obs = obs.reshape((-1,) + obs_shape)
+            b_states = states.reshape(-1, envs.state_dim)
+            b_actions = actions.reshape((-1,) + action_shape)
+            b_logprobs = logprobs.reshape(-1, num_agents)
+            b_active = torch.ones_like(b_logprobs)  # VMAS agents never leave an episode early
+            b_advantages = advantages.reshape(-1)
+            b_returns = value_norm.normalize(returns.reshape(-1))
+            b_values = value_norm.normalize(values.reshape(-1))
+            if args.norm_adv:
+                b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
 
-        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
-        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
-        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
-        factor = torch.ones(args.batch_size, device=device)
-        b_inds = np.arange(args.batch_size)
-        pg_losses, entropies, approx_kls, clipfracs = [], [], [], []
-        for k, agent in enumerate(order):
-            m_used = factor_used(factor, args.factor, args.factor_clip)
-            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
-            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-            writer.add_scalar(
-                f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean().item(), global_step
-            )
-            writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
+            # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
+            # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
+            order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+            factor = torch.ones(args.batch_size, device=device)
+            b_inds = np.arange(args.batch_size)
+            pg_losses, entropies, approx_kls, clipfracs = [], [], [], []
+            for k, agent in enumerate(order):
+                m_used = factor_used(factor, args.factor, args.factor_clip)
+                writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
+                writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
+                writer.add_scalar(
+                    f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean().item(), global_step
+                )
+                writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
 
-            actor, optimizer = actors[agent], actor_optimizers[agent]
-            for epoch in range(args.update_epochs):
+                actor, optimizer = actors[agent], actor_optimizers[agent]
+                for epoch in range(args.update_epochs):
+                    np.random.shuffle(b_inds)
+                    for start in range(0, args.batch_size, args.minibatch_size):
+                        mb_inds = b_inds[start : start + args.minibatch_size]
+                        dist = actor.distribution(b_obs[mb_inds, agent])
+                        newlogprob, entropy = actor.log_prob_entropy(dist, b_actions[mb_inds, agent])
+                        mb_mask = b_active[mb_inds, agent]
+                        pg_loss = actor_loss(
+                            newlogprob,
+                            b_logprobs[mb_inds, agent],
+                            b_advantages[mb_inds],
+                            m_used[mb_inds],
+                            mb_mask,
+                            args.clip_coef,
+                        )
+                        entropy_loss = masked_mean(entropy, mb_mask)
+                        loss = pg_loss - args.ent_coef * entropy_loss
+
+                        optimizer.zero_grad()
+                        loss.backward()
+                        grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+                        check_finite(f"loss or gradient of agent {agent}", loss, grad_norm)
+                        optimizer.step()
+                        pg_losses.append(pg_loss.item())
+                        entropies.append(entropy_loss.item())
+
+                with torch.no_grad():
+                    newlogprob, _ = actor.log_prob_entropy(actor.distribution(b_obs[:, agent]), b_actions[:, agent])
+                    logratio = newlogprob - b_logprobs[:, agent]
+                    ratio = logratio.exp()
+                    approx_kls.append(((ratio - 1) - logratio).mean().item())
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                    # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
+                    factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
+
+            # ALGO LOGIC: critic update on the normalized returns
+            v_losses = []
+            for epoch in range(args.critic_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
-                    dist = actor.distribution(b_obs[mb_inds, agent])
-                    newlogprob, entropy = actor.log_prob_entropy(dist, b_actions[mb_inds, agent])
-                    mb_mask = b_active[mb_inds, agent]
-                    pg_loss = actor_loss(
-                        newlogprob,
-                        b_logprobs[mb_inds, agent],
-                        b_advantages[mb_inds],
-                        m_used[mb_inds],
-                        mb_mask,
+                    newvalue = critic(b_states[mb_inds])
+                    v_loss = critic_loss(
+                        newvalue,
+                        b_values[mb_inds],
+                        b_returns[mb_inds],
                         args.clip_coef,
+                        args.clip_vloss,
+                        args.huber_delta,
                     )
-                    entropy_loss = masked_mean(entropy, mb_mask)
-                    loss = pg_loss - args.ent_coef * entropy_loss
-
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    pg_losses.append(pg_loss.item())
-                    entropies.append(entropy_loss.item())
-
-            with torch.no_grad():
-                newlogprob, _ = actor.log_prob_entropy(actor.distribution(b_obs[:, agent]), b_actions[:, agent])
-                logratio = newlogprob - b_logprobs[:, agent]
-                ratio = logratio.exp()
-                approx_kls.append(((ratio - 1) - logratio).mean().item())
-                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
-        policy.load(actors)
-
-        # ALGO LOGIC: critic update on the normalized returns
-        v_losses = []
-        for epoch in range(args.critic_epochs):
-            np.random.shuffle(b_inds)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start : start + args.minibatch_size]
-                newvalue = critic(b_states[mb_inds])
-                v_loss = critic_loss(
-                    newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
+                    critic_optimizer.zero_grad()
+                    v_loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    check_finite("critic loss or gradient", v_loss, grad_norm)
+                    critic_optimizer.step()
+                    v_losses.append(v_loss.item())
+            check_finite("parameter", *actors.parameters(), *critic.parameters())
+        except NonFiniteError as error:
+            load_training_state(snapshot, actors, critic, value_norm, actor_optimizers, critic_optimizer)
+            bad_updates += 1
+            writer.add_scalar("charts/skipped_update", 1, global_step)
+            print(f"warning: iteration {iteration}: {error}; update skipped, parameters unchanged", file=sys.stderr)
+            if bad_updates >= args.max_bad_updates:
+                progress.close()
+                writer.close()
+                kept = checkpoint_path if os.path.exists(checkpoint_path) else "none (see --checkpoint-every)"
+                sys.exit(
+                    f"{os.path.basename(__file__)}: error: {bad_updates} updates in a row met non-finite values; "
+                    f"stopped. Last good checkpoint: {kept}"
                 )
-                critic_optimizer.zero_grad()
-                v_loss.backward()
-                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                critic_optimizer.step()
-                v_losses.append(v_loss.item())
+            continue
+        bad_updates = 0
+        policy.load(actors)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
         writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", actor_optimizers[0].param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
@@ -773,8 +938,20 @@ if __name__ == "__main__":
         progress.set_postfix(episodic_return=f"{mean_return:.2f}", SPS=sps)
         progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
         sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
+        last_iteration = iteration
+        if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
+            state = training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer)
+            save_checkpoint(checkpoint_path, make_checkpoint(state, global_step, iteration, run_name, args))
 
     progress.close()
+    if interrupted:  # SIGINT or SIGTERM: keep what was learned, say how to go on, exit 130 or 143
+        state = training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer)
+        save_checkpoint(checkpoint_path, make_checkpoint(state, global_step, last_iteration, run_name, args))
+        writer.close()
+        print(f"interrupted at global_step={global_step}; checkpoint written to {checkpoint_path}")
+        command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
+        print(f"resume with: python {command} --resume {checkpoint_path}")
+        sys.exit(128 + interrupted[0])
     if args.save_model or args.capture_video:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         torch.save(

@@ -132,8 +132,7 @@ def test_smax_shapes_masks_and_episode_ends(smax_3m):
 
 
 def test_smax_time_limit_is_a_truncation_with_the_final_state():
-    envs = lv.SMAXEnvs("3m", num_envs=4, seed=0, device=torch.device("cpu"))
-    envs.env._env.max_steps = 5  # read when the step is first traced; SMAX ends a game one step after it
+    envs = lv.SMAXEnvs("3m", num_envs=4, seed=0, device=torch.device("cpu"), max_steps=5)  # ends at step 6
     out = envs.reset()
     stop = torch.full((4, 3), 4)  # nobody moves or shoots: no side is wiped out in 6 steps
     for t in range(1, 7):
