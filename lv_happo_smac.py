@@ -175,6 +175,8 @@ def smax_maps() -> list:
 
 def check_args(args: Args) -> Optional[str]:
     """Returns what is wrong with the flags, as one line that says what to do, or None."""
+    if args.max_steps is not None and (args.backend == "sc2" or args.max_steps < 1):
+        return "--max-steps takes a positive number of steps, with --backend smax only (SMAC maps set their own)"
     if args.backend == "smax":
         if importlib.util.find_spec("jaxmarl") is None:
             return "the smax backend needs jaxmarl: pip install -r requirements.txt (or pip install jaxmarl)"
@@ -187,8 +189,6 @@ def check_args(args: Args) -> Optional[str]:
 
         if args.env_id not in (maps := smac_maps.get_smac_map_registry()):
             return f"unknown SMAC map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-    if args.max_steps is not None and (args.backend == "sc2" or args.max_steps < 1):
-        return "--max-steps takes a positive number of steps, with --backend smax only (SMAC maps set their own)"
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "eval_episodes"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
