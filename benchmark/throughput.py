@@ -2,13 +2,16 @@
 
 For each setting, alternately (so that the machine's noise hits both alike):
   raw:   the same environments (scenario, number of envs) in a `SyncVectorEnv`, stepped with random actions by a
-         single process, no learning: the simulator's limit on one core;
+         single process, no learning: the simulator's limit on one core (SMAX and VMAS: the script's own batched
+         adapter, random actions, same number of environments);
   train: the script itself with the setting's flags (`--vector-env async` included), its last logged `charts/SPS`
          (rollout, GAE and all updates included), and its median `perf/rollout_time` and `perf/update_time`.
 The table reports the medians over --repeats and the ratio train / raw.
 
     python benchmark/throughput.py --settings mpe-n3 mpe-n5 mpe-n3-paper mpe-n5-paper --repeats 3
     python benchmark/throughput.py --settings mpe-n2 mpe-n3 mpe-n5 mpe-n8 --repeats 3   # scaling in N
+    python benchmark/throughput.py --settings smax-3m smax-3s5z --steps 320000 --repeats 3
+    python benchmark/throughput.py --settings vmas-n3 vmas-n5 vmas-n3-paper-epochs vmas-n5-paper-epochs --steps 1024000
 """
 
 import argparse
@@ -48,6 +51,16 @@ SETTINGS = {
     "smax-3m": ("lv_happo_smac.py", ["--env-id", "3m"]),
     "smax-3s5z": ("lv_happo_smac.py", ["--env-id", "3s5z"]),
     "smax-3m-paper": ("lv_happo_smac.py", ["--env-id", "3m", "--num-envs", "20", "--num-steps", "160"]),
+    "vmas-n3": ("lv_happo_vmas.py", ["--num-agents", "3"]),
+    "vmas-n5": ("lv_happo_vmas.py", ["--num-agents", "5"]),
+    "vmas-n3-paper-epochs": (
+        "lv_happo_vmas.py",
+        ["--num-agents", "3", "--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"],
+    ),
+    "vmas-n5-paper-epochs": (
+        "lv_happo_vmas.py",
+        ["--num-agents", "5", "--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"],
+    ),
     "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
     "mpe-n5-async": ("lv_happo_mpe.py", ["--num-agents", "5", "--vector-env", "async"]),
     "mpe-n3-paper-async": (
@@ -71,6 +84,8 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
     module, args = script_args(script, flags)
     if hasattr(args, "backend"):  # SMAX: the script's own vmapped adapter, random available actions
         return raw_smax_sps(module, args, steps)
+    if hasattr(args, "max_steps") and hasattr(module, "VMASEnvs"):  # VMAS: the script's adapter, random actions
+        return raw_vmas_sps(module, args, steps)
     if hasattr(args, "agent_conf"):  # MaMuJoCo
         env_args = (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
     else:
@@ -108,6 +123,21 @@ def raw_smax_sps(module, args, steps: int) -> float:
         out = envs.step(
             torch.multinomial(out["avail"].flatten(0, 1).float(), 1, generator=generator).view(args.num_envs, -1)
         )
+        done += args.num_envs
+    return done / (time.perf_counter() - start)
+
+
+def raw_vmas_sps(module, args, steps: int) -> float:
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    cpu = torch.device("cpu")
+    envs = module.VMASEnvs(args.env_id, args.num_agents, True, args.num_envs, args.max_steps, 0, cpu)
+    envs.reset()
+    shape, generator = (args.num_envs, len(envs.agents), max(envs.act_dims)), torch.Generator().manual_seed(0)
+    start, done = time.perf_counter(), 0
+    while done < steps:
+        envs.step(torch.rand(shape, generator=generator) * 2 - 1)
         done += args.num_envs
     return done / (time.perf_counter() - start)
 
