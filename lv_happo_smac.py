@@ -177,18 +177,6 @@ def check_args(args: Args) -> Optional[str]:
     """Returns what is wrong with the flags, as one line that says what to do, or None."""
     if args.max_steps is not None and (args.backend == "sc2" or args.max_steps < 1):
         return "--max-steps takes a positive number of steps, with --backend smax only (SMAC maps set their own)"
-    if args.backend == "smax":
-        if importlib.util.find_spec("jaxmarl") is None:
-            return "the smax backend needs jaxmarl: pip install -r requirements.txt (or pip install jaxmarl)"
-        if args.env_id not in (maps := smax_maps()):
-            return f"unknown SMAX map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-    else:
-        if importlib.util.find_spec("smac") is None:
-            return SC2_INSTALL
-        from smac.env.starcraft2.maps import smac_maps
-
-        if args.env_id not in (maps := smac_maps.get_smac_map_registry()):
-            return f"unknown SMAC map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "eval_episodes"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
@@ -211,6 +199,19 @@ def check_args(args: Args) -> Optional[str]:
         return "--hidden-sizes needs at least one positive layer size, e.g. --hidden-sizes 64 64 64"
     if args.num_minibatches > args.num_envs * args.num_steps:
         return f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.num_envs * args.num_steps} samples"
+    # the backend's package and map list last: importing jaxmarl takes seconds
+    if args.backend == "smax":
+        if importlib.util.find_spec("jaxmarl") is None:
+            return "the smax backend needs jaxmarl: pip install -r requirements.txt (or pip install jaxmarl)"
+        if args.env_id not in (maps := smax_maps()):
+            return f"unknown SMAX map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
+    else:
+        if importlib.util.find_spec("smac") is None:
+            return SC2_INSTALL
+        from smac.env.starcraft2.maps import smac_maps
+
+        if args.env_id not in (maps := smac_maps.get_smac_map_registry()):
+            return f"unknown SMAC map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
     return None
 
 

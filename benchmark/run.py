@@ -1,0 +1,133 @@
+"""Runs grids of (setting, variant, seed): locally on a pool of workers, or as a Slurm job array.
+
+Each run lives in its own folder, `{out}/{setting}/{variant}/seed{seed}/`, where the script writes `runs/...` and
+the runner a `done` file once the script exits 0; a run whose `done` file exists is skipped, so a grid can be
+launched again after a crash or with more seeds. Variants come from the same script: `lv` (--factor clipped),
+`happo` (--factor raw: plain HAPPO, or HATRPO with lv_hatrpo_mpe.py) and `mappo` (--factor none).
+
+    python benchmark/run.py --settings mpe-spread-n3 --variants lv happo mappo --seeds 1 2 3 --total-timesteps 2000000
+    python benchmark/run.py --settings smax-3m --seeds 1 2 3 --slurm benchmark/results/slurm_smax.sh  # write, don't run
+    python benchmark/report.py --out benchmark/results/grid                                         # then read it
+"""
+
+import argparse
+import concurrent.futures
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# setting: (script, the setting's flags); the variant, seed and budget flags are appended per run
+SETTINGS = {
+    "mpe-spread-n2": ("lv_happo_mpe.py", ["--num-agents", "2"]),
+    "mpe-spread-n3": ("lv_happo_mpe.py", ["--num-agents", "3"]),
+    "mpe-spread-n5": ("lv_happo_mpe.py", ["--num-agents", "5"]),
+    "mpe-spread-n8": ("lv_happo_mpe.py", ["--num-agents", "8"]),
+    "hatrpo-mpe-spread-n3": ("lv_hatrpo_mpe.py", ["--num-agents", "3"]),
+    "mamujoco-halfcheetah-6x1": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1"]),
+    "mamujoco-manyswimmer-8x2": ("lv_happo_mamujoco.py", ["--env-id", "ManySegmentSwimmer", "--agent-conf", "8x2"]),
+    "smax-3m": ("lv_happo_smac.py", ["--env-id", "3m"]),
+    "smax-2s3z": ("lv_happo_smac.py", ["--env-id", "2s3z"]),
+    "vmas-spread-n3": ("lv_happo_vmas.py", ["--num-agents", "3"]),
+    "vmas-spread-n8": ("lv_happo_vmas.py", ["--num-agents", "8"]),
+}
+VARIANTS = {"lv": ["--factor", "clipped"], "happo": ["--factor", "raw"], "mappo": ["--factor", "none"]}
+
+
+def expand(settings: list, variants: list, seeds: list, total_timesteps: int | None, extra: list) -> list:
+    """Every (setting, variant, seed) as a dict with its folder (relative to out) and its command line."""
+    runs = []
+    for setting in settings:
+        script, flags = SETTINGS[setting]
+        for variant in variants:
+            for seed in seeds:
+                command = [sys.executable, str(ROOT / script), *flags, *VARIANTS[variant], "--seed", str(seed)]
+                if total_timesteps is not None:
+                    command += ["--total-timesteps", str(total_timesteps)]
+                command += extra
+                runs.append(
+                    {"setting": setting, "variant": variant, "seed": seed, "dir": f"{setting}/{variant}/seed{seed}"}
+                    | {"command": command}
+                )
+    return runs
+
+
+def pending(runs: list, out: Path) -> list:
+    """The runs whose `done` file is missing (never started, failed or cut short)."""
+    return [run for run in runs if not (out / run["dir"] / "done").exists()]
+
+
+def run_one(run: dict, out: Path) -> int:
+    folder = out / run["dir"]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "w") as log:
+        code = subprocess.run(run["command"], cwd=folder, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code == 0:
+        (folder / "done").write_text(" ".join(shlex.quote(part) for part in run["command"]) + "\n")
+    return code
+
+
+def slurm_script(runs: list, out: Path, hours: int, cpus: int) -> str:
+    """A job-array script: task i runs the i-th pending run in its folder and marks it done on success."""
+    commands = "\n".join(f"  {shlex.quote(' '.join(shlex.quote(p) for p in run['command']))}" for run in runs)
+    folders = "\n".join(f"  {shlex.quote(str(out.resolve() / run['dir']))}" for run in runs)
+    return f"""#!/bin/bash
+#SBATCH --job-name=lv-marl
+#SBATCH --array=0-{len(runs) - 1}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={hours}:00:00
+#SBATCH --output={out.resolve()}/slurm-%A_%a.out
+FOLDERS=(
+{folders}
+)
+COMMANDS=(
+{commands}
+)
+mkdir -p "${{FOLDERS[$SLURM_ARRAY_TASK_ID]}}" && cd "${{FOLDERS[$SLURM_ARRAY_TASK_ID]}}" || exit 1
+eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" > log.txt 2>&1 && echo "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" > done
+"""
+
+
+def main(argv: list | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", required=True, choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--total-timesteps", type=int, default=None, help="the budget of every run (script default)")
+    parser.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "grid"), help="the grid's folder")
+    parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="runs at once (1 core each)")
+    parser.add_argument("--slurm", default=None, help="write a Slurm job-array script here instead of running")
+    parser.add_argument("--slurm-hours", type=int, default=12)
+    parser.add_argument("--slurm-cpus", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="print the pending commands, run nothing")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags added to every run")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or any(seed < 0 for seed in args.seeds):
+        parser.error("--workers must be at least 1 and seeds not negative")
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    out = Path(args.out)
+    runs = expand(args.settings, args.variants, args.seeds, args.total_timesteps, extra)
+    todo = pending(runs, out)
+    print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already done, {len(todo)} to go")
+    if args.dry_run or not todo:
+        for run in todo:
+            print(f"{run['dir']}: {' '.join(shlex.quote(part) for part in run['command'])}")
+        return
+    if args.slurm:
+        Path(args.slurm).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.slurm).write_text(slurm_script(todo, out, args.slurm_hours, args.slurm_cpus))
+        print(f"wrote {args.slurm}: sbatch {args.slurm}")
+        return
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(run_one, run, out): run for run in todo}
+        for future in concurrent.futures.as_completed(futures):
+            run = futures[future]
+            log = out / run["dir"] / "log.txt"
+            print(f"{run['dir']}: " + ("done" if future.result() == 0 else f"failed, see {log}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Tests of benchmark/: the runner's grid, skip logic and Slurm script; the reader's numbers on synthetic runs."""
+
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(ROOT / "benchmark"))
+import report  # noqa: E402
+import run  # noqa: E402
+
+
+def test_grid_expansion_and_commands():
+    runs = run.expand(["mpe-spread-n3", "smax-3m"], ["lv", "happo", "mappo"], [1, 2], 5000, ["--num-envs", "4"])
+    assert len(runs) == 2 * 3 * 2
+    assert len({r["dir"] for r in runs}) == 12
+    first = runs[0]
+    assert first["dir"] == "mpe-spread-n3/lv/seed1"
+    assert first["command"][1].endswith("lv_happo_mpe.py")
+    assert first["command"][2:] == [
+        "--num-agents", "3", "--factor", "clipped", "--seed", "1", "--total-timesteps", "5000", "--num-envs", "4"
+    ]  # fmt: skip
+    factors = {r["variant"]: r["command"][r["command"].index("--factor") + 1] for r in runs}
+    assert factors == {"lv": "clipped", "happo": "raw", "mappo": "none"}
+
+
+def test_existing_runs_are_skipped(tmp_path, capsys):
+    runs = run.expand(["mpe-spread-n3"], ["lv", "happo"], [1, 2], 1000, [])
+    (tmp_path / "mpe-spread-n3/lv/seed2").mkdir(parents=True)
+    (tmp_path / "mpe-spread-n3/lv/seed2/done").write_text("python ...\n")
+    (tmp_path / "mpe-spread-n3/happo/seed1").mkdir(parents=True)  # started, never finished: run again
+    assert [r["dir"] for r in run.pending(runs, tmp_path)] == [
+        "mpe-spread-n3/lv/seed1",
+        "mpe-spread-n3/happo/seed1",
+        "mpe-spread-n3/happo/seed2",
+    ]
+    run.main(
+        [
+            "--settings",
+            "mpe-spread-n3",
+            "--variants",
+            "lv",
+            "happo",
+            "--seeds",
+            "1",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--dry-run",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "4 runs in the grid, 1 already done, 3 to go" in out and "lv/seed2" not in out
+
+
+def test_slurm_script_is_a_job_array_of_the_pending_runs(tmp_path):
+    script = tmp_path / "array.sh"
+    run.main(
+        [
+            "--settings",
+            "smax-3m",
+            "--seeds",
+            "1",
+            "2",
+            "--out",
+            str(tmp_path / "grid"),
+            "--slurm",
+            str(script),
+            "--",
+            "--num-envs",
+            "8",
+        ]
+    )
+    text = script.read_text()
+    assert "#SBATCH --array=0-5" in text  # 3 variants x 2 seeds
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid bash, not executed
+    commands = text.split("COMMANDS=(\n")[1].split("\n)")[0].splitlines()
+    folders = text.split("FOLDERS=(\n")[1].split("\n)")[0].splitlines()
+    assert len(commands) == len(folders) == 6
+    parsed = shlex.split(shlex.split(commands[0])[0])
+    assert parsed[1].endswith("lv_happo_smac.py") and parsed[-2:] == ["--num-envs", "8"] and "--seed" in parsed
+    assert shlex.split(folders[-1])[0].endswith("grid/smax-3m/mappo/seed2")
+    assert not (tmp_path / "grid").exists()  # nothing ran
+
+
+def write_run(out, setting, variant, seed, returns, done=True):
+    """A run folder as benchmark/run.py leaves it: runs/<name>/ event files, and `done` when finished."""
+    folder = out / setting / variant / f"seed{seed}"
+    writer = SummaryWriter(str(folder / "runs" / f"x__{variant}__{seed}__0"))
+    for step, value in returns:
+        writer.add_scalar("charts/episodic_return", value, step)
+    for step in sorted({step for step, _ in returns}):
+        writer.add_scalar("charts/SPS", 100.0, step)
+        for k in range(3):
+            writer.add_scalar(f"lv/adv_variance_{k}", (1.0 + k) * (3.0 if variant == "happo" else 1.0), step)
+    writer.close()
+    if done:
+        (folder / "done").write_text("ok\n")
+
+
+def test_reader_aggregates_seeds_and_reports_partial_and_missing_runs(tmp_path):
+    steps = [100 * i for i in range(1, 11)]  # 10 iterations of 100 steps
+    for seed, offset in ((1, 0.0), (2, 2.0), (3, 4.0)):
+        write_run(tmp_path, "toy", "lv", seed, [(s, s / 100 + offset) for s in steps])
+    write_run(tmp_path, "toy", "happo", 1, [(s, 1.0) for s in steps])
+    write_run(tmp_path, "toy", "happo", 2, [(s, 5.0) for s in steps[:4]], done=False)  # cut short at step 400
+    runs = report.load_grid(tmp_path)
+    assert len(runs) == 5 and sum(r["complete"] for r in runs) == 4
+
+    rows = {r["variant"]: r for r in report.final_table(runs, expected_seeds=[1, 2, 3])}
+    # lv: the final return is the mean over the last 10 % of steps (step 1000 only): 10, 12, 14
+    assert (
+        rows["lv"]["n"] == 3 and rows["lv"]["mean"] == pytest.approx(12.0) and rows["lv"]["std"] == pytest.approx(2.0)
+    )
+    assert rows["lv"]["notes"] == ""
+    assert rows["happo"]["n"] == 1 and rows["happo"]["mean"] == pytest.approx(1.0)
+    assert rows["happo"]["notes"] == "seed 2 partial (400 steps); seed 3 missing"
+    table = report.markdown(list(rows.values()))
+    assert "| toy | lv | 3 | 12.00 ± 2.00 |" in table and "seed 3 missing" in table
+
+    centres, curves = report.aggregate_curves([r for r in runs if r["complete"] and r["variant"] == "lv"])
+    mean, half = curves["lv"]
+    assert len(centres) == report.CURVE_POINTS
+    valid = ~np.isnan(mean)
+    # every bin holds one point per seed: mean = s/100 + 2, band = 1.96 * std(0, 2, 4) / sqrt(3)
+    bins = np.digitize(np.array(steps, float), np.linspace(0, 1000, report.CURVE_POINTS + 1)[1:-1])
+    np.testing.assert_allclose(mean[bins], np.array(steps) / 100 + 2.0)
+    np.testing.assert_allclose(half[valid], 1.96 * 2.0 / np.sqrt(3))
+
+
+def test_iqm_and_bootstrap_interval():
+    iqm, low, high = report.iqm_with_ci([1.0, 2.0, 3.0, 4.0, 100.0, -50.0, 2.5, 3.5])
+    assert iqm == pytest.approx(np.mean([2.0, 2.5, 3.0, 3.5]))  # the outliers are cut
+    assert low <= iqm <= high
+
+
+def test_variance_study_and_report_files(tmp_path):
+    steps = [100, 200]
+    for variant in ("lv", "happo"):
+        write_run(tmp_path, "mpe-spread-n3", variant, 1, [(s, -50.0) for s in steps])
+    report.main(["--out", str(tmp_path), "--variance", "mpe-spread-n3"])
+    study = {(r["variant"], r["k"]): r["variance"] for r in report.variance_study(report.load_grid(tmp_path))}
+    assert study[("happo", 2)] == pytest.approx(9.0) and study[("lv", 2)] == pytest.approx(3.0)
+    for name in ("final.md", "final.csv", "mpe-spread-n3.png", "variance.png", "variance.csv"):
+        assert (tmp_path / name).stat().st_size > 0, name
