@@ -3,6 +3,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import multiprocessing
 import os
 import random
 import re
@@ -288,6 +289,9 @@ def make_env(
     render_mode: Optional[str] = None,
 ):
     def thunk():
+        if multiprocessing.parent_process() is not None:  # an async worker: interrupts are the learner's to handle
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return MultiAgentArrays(env_id, agent_conf, agent_obsk, global_obs, max_episode_steps, render_mode)
 
     return thunk

@@ -4,6 +4,7 @@ import copy
 import importlib
 import importlib.util
 import io
+import multiprocessing
 import os
 import random
 import re
@@ -251,6 +252,9 @@ class MultiAgentArrays(gym.Env):
 
 def make_env(env_id: str, num_agents: Optional[int], continuous_actions: bool, max_cycles: int, render_mode=None):
     def thunk():
+        if multiprocessing.parent_process() is not None:  # an async worker: interrupts are the learner's to handle
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return MultiAgentArrays(env_id, num_agents, continuous_actions, max_cycles, render_mode)
 
     return thunk

@@ -105,9 +105,13 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
     assert torch.load(path, weights_only=False) == {"iteration": 1}  # the previous checkpoint, whole
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_writes_a_checkpoint_that_resumes(tmp_path, signum, code):
+@pytest.mark.parametrize(
+    "signum, code, vector_env",
+    [(signal.SIGINT, 130, "sync"), (signal.SIGTERM, 143, "sync"), (signal.SIGINT, 130, "async")],
+)
+def test_interrupt_writes_a_checkpoint_that_resumes(tmp_path, signum, code, vector_env):
     flags, batch = TINY["lv_happo_mpe.py"]
+    flags = [*flags, "--vector-env", vector_env]
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "lv_happo_mpe.py"), *flags, "--total-timesteps", "10000000"],
         cwd=tmp_path,
@@ -115,9 +119,10 @@ def test_interrupt_writes_a_checkpoint_that_resumes(tmp_path, signum, code):
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+        start_new_session=True,
     )
     assert process.stdout.readline().startswith("global_step=")  # training is under way
-    process.send_signal(signum)
+    os.killpg(process.pid, signum)  # to the whole process group, as a terminal's Ctrl-C (async workers included)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == code and "Traceback" not in stderr, stderr
     assert "stopping after this iteration" in stderr
