@@ -107,7 +107,12 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
 
 @pytest.mark.parametrize(
     "signum, code, vector_env",
-    [(signal.SIGINT, 130, "sync"), (signal.SIGTERM, 143, "sync"), (signal.SIGINT, 130, "async")],
+    [
+        (signal.SIGINT, 130, "sync"),
+        (signal.SIGTERM, 143, "sync"),
+        (signal.SIGINT, 130, "async"),
+        (signal.SIGTERM, 143, "async"),
+    ],
 )
 def test_interrupt_writes_a_checkpoint_that_resumes(tmp_path, signum, code, vector_env):
     flags, batch = TINY["lv_happo_mpe.py"]
