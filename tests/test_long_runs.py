@@ -223,15 +223,11 @@ def test_resume_with_other_flags_is_refused(tmp_path):
 
 
 BAD_FLAGS = [
-    ("--total-timesteps", "0"),
-    ("--num-minibatches", "1000000000"),
     ("--checkpoint-every", "-1"),
     ("--max-bad-updates", "0"),
     ("--resume", "no/such/checkpoint.pt"),
 ]
 BAD_FLAG_MESSAGES = [
-    "--total-timesteps must be at least 1",
-    "exceeds the batch",
     "--checkpoint-every must not be negative",
     "--max-bad-updates must be at least 1",
     "--resume no/such/checkpoint.pt: no such file",
