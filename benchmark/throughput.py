@@ -156,13 +156,40 @@ def train_sps(script: str, flags: list, steps: int) -> tuple:
         return accumulator.Scalars("charts/SPS")[-1].value, rollout, update
 
 
+def plot_scaling(csv_path: str, png_path: str) -> None:
+    """Per-iteration update time and per-step rollout time of lv_happo_mpe.py against N (settings mpe-n2..n8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = {row["setting"]: row for row in csv.DictReader(f)}
+    points = [(n, rows[f"mpe-n{n}"]) for n in (2, 3, 5, 8) if f"mpe-n{n}" in rows]
+    ns = [n for n, _ in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(ns, [float(r["update_ms"]) for _, r in points], "o-")
+    left.set(xlabel="agents N", ylabel="update ms per iteration", title="update (1,000 samples)")
+    right.plot(ns, [float(r["rollout_ms_per_step"]) for _, r in points], "o-", label="training rollout")
+    right.plot(ns, [float(r["raw_ms_per_step"]) for _, r in points], "s--", label="raw stepping")
+    right.set(xlabel="agents N", ylabel="ms per vector step (10 envs)", title="rollout")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100_000, help="joint steps per measurement")
     parser.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "throughput.csv"))
+    parser.add_argument("--plot", action="store_true", help="only draw the scaling in N from --out's CSV, to PNG")
     args = parser.parse_args()
+    if args.plot:
+        plot_scaling(args.out, str(Path(args.out).with_name("throughput_scaling.png")))
+        return
 
     rows = []
     for name in args.settings:
