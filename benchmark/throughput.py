@@ -31,6 +31,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+PAPER_EPOCHS = ["--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"]  # one full batch
 # name: (script, flags); flags are the script's own, and the raw stepping reads the environment ones
 SETTINGS = {
     "mpe-n2": ("lv_happo_mpe.py", ["--num-agents", "2"]),
@@ -53,14 +54,8 @@ SETTINGS = {
     "smax-3m-paper": ("lv_happo_smac.py", ["--env-id", "3m", "--num-envs", "20", "--num-steps", "160"]),
     "vmas-n3": ("lv_happo_vmas.py", ["--num-agents", "3"]),
     "vmas-n5": ("lv_happo_vmas.py", ["--num-agents", "5"]),
-    "vmas-n3-paper-epochs": (
-        "lv_happo_vmas.py",
-        ["--num-agents", "3", "--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"],
-    ),
-    "vmas-n5-paper-epochs": (
-        "lv_happo_vmas.py",
-        ["--num-agents", "5", "--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"],
-    ),
+    "vmas-n3-paper-epochs": ("lv_happo_vmas.py", ["--num-agents", "3", *PAPER_EPOCHS]),
+    "vmas-n5-paper-epochs": ("lv_happo_vmas.py", ["--num-agents", "5", *PAPER_EPOCHS]),
     "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
     "mpe-n5-async": ("lv_happo_mpe.py", ["--num-agents", "5", "--vector-env", "async"]),
     "mpe-n3-paper-async": (
