@@ -215,6 +215,11 @@ def check_args(args: Args) -> Optional[str]:
     return None
 
 
+# what both backends return: reset() the first four, step() all (and `restarted`)
+RESET_KEYS = ("obs", "state", "avail", "active")
+STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs", "final_state")
+
+
 class SMAXEnvs:
     """`num_envs` SMAX games (JaxMARL's HeuristicEnemySMAX) stepped by one jit-compiled function vmapped over the
     environments; arrays reach torch through DLPack, without a copy when jax and torch share the device.
@@ -238,7 +243,6 @@ class SMAXEnvs:
         self.num_agents = n = env.num_agents
         self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
         self.num_actions = int(env.action_spaces[env.agents[0]].n)
-        self.state_dim = env.get_world_state(env.reset(jax.random.PRNGKey(0))[1]).shape[0]
         # arrays cross devices by DLPack only where jax runs on torch's device; else through host memory
         self.shared_device = device if device.type == "cpu" or jax.default_backend() == "gpu" else torch.device("cpu")
         self.restarted = torch.zeros(num_envs, dtype=torch.bool, device=device)
@@ -279,7 +283,9 @@ class SMAXEnvs:
 
         self._reset, self._step = many(reset), many(step)
         self.key = jax.random.PRNGKey(seed)
-        self.step(self.reset()["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
+        first = self.reset()
+        self.state_dim = first["state"].shape[-1]
+        self.step(first["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
         self.key = jax.random.PRNGKey(seed)
 
     def _to_torch(self, arrays: tuple, names: tuple) -> dict:
@@ -289,13 +295,12 @@ class SMAXEnvs:
         if seed is not None:
             self.key = self.jax.random.PRNGKey(seed)
         self.key, self.states, arrays = self._reset(self.key)
-        return self._to_torch(arrays, ("obs", "state", "avail", "active"))
+        return self._to_torch(arrays, RESET_KEYS)
 
     def step(self, actions: torch.Tensor) -> dict:
         action = self.jnp.from_dlpack(actions.to(self.shared_device, torch.int32))
         self.key, self.states, arrays = self._step(self.key, self.states, action)
-        names = ("obs", "state", "avail", "active", "reward", "terminated", "truncated", "won", "final_obs")
-        return self._to_torch(arrays, names + ("final_state",)) | {"restarted": self.restarted}
+        return self._to_torch(arrays, STEP_KEYS) | {"restarted": self.restarted}
 
     def close(self) -> None:
         pass
@@ -343,7 +348,7 @@ class SC2Envs:
         for game in self.games:
             game.reset()
         self.last = [self._observe(i) for i in range(len(self.games))]
-        return self._batch(self.last, ("obs", "state", "avail", "active"))
+        return self._batch(self.last, RESET_KEYS)
 
     def step(self, actions: torch.Tensor) -> dict:
         rows = []
@@ -364,9 +369,8 @@ class SC2Envs:
             truncated = done and (restarted or bool(info.get("episode_limit", False)))
             won = bool(info.get("battle_won", False))
             self.last[i] = self._observe(i)
-            rows.append((*self.last[i], reward, done and not truncated, truncated, won, restarted, *final[:2]))
-        names = ("obs", "state", "avail", "active", "reward", "terminated", "truncated", "won", "restarted")
-        out = self._batch(rows, names + ("final_obs", "final_state"))
+            rows.append((*self.last[i], reward, done and not truncated, truncated, won, *final[:2], restarted))
+        out = self._batch(rows, STEP_KEYS + ("restarted",))
         out["reward"] = out["reward"].float()
         return out
 
@@ -926,13 +930,12 @@ if __name__ == "__main__":
                     critic(critic_inputs(next_["state"], next_["obs"], args.state_type))
                 )
                 final_values = value_norm.denormalize(critic(critic_inputs(final_states, final_obs, args.state_type)))
-                per_column = (values.shape[-1],)
                 advantages = compute_gae(
-                    rewards.unsqueeze(-1).expand(-1, -1, *per_column),
+                    rewards.unsqueeze(-1).expand_as(values),
                     values,
                     next_value,
-                    terminations.unsqueeze(-1).expand(-1, -1, *per_column),
-                    truncations.unsqueeze(-1).expand(-1, -1, *per_column),
+                    terminations.unsqueeze(-1).expand_as(values),
+                    truncations.unsqueeze(-1).expand_as(values),
                     final_values,
                     args.gamma,
                     args.gae_lambda,
