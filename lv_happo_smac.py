@@ -741,12 +741,13 @@ def evaluate(model_path: str, args: Args, device: torch.device, video_folder: Op
         action, _ = policy.act(next_["obs"], next_["avail"], deterministic=True)
         next_ = envs.step(action)
         episode_returns += next_["reward"]
-        done = (next_["terminated"] | next_["truncated"]) & ~next_["restarted"]
-        for i in np.flatnonzero(done.cpu().numpy() & (episodes < -(-args.eval_episodes // num_envs))):
+        done = next_["terminated"] | next_["truncated"]
+        counted = (done & ~next_["restarted"]).cpu().numpy()  # a game lost to a crash is no episode
+        for i in np.flatnonzero(counted & (episodes < -(-args.eval_episodes // num_envs))):
             returns.append(episode_returns[i].item())
             wins.append(next_["won"][i].item())
             episodes[i] += 1
-        episode_returns *= ~(next_["terminated"] | next_["truncated"])
+        episode_returns *= ~done
     if video_folder is not None:
         os.makedirs(video_folder, exist_ok=True)
         if args.backend == "smax":
