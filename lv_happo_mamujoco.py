@@ -206,6 +206,15 @@ def check_args(args: Args) -> Optional[str]:
     return None
 
 
+def padded_bounds(spaces: list, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The agents' action bounds as two (num_agents, width) arrays, padding unbounded: one clip for all agents."""
+    low = np.full((len(spaces), width), -np.inf, np.float32)
+    high = np.full((len(spaces), width), np.inf, np.float32)
+    for i, space in enumerate(spaces):
+        low[i, : space.shape[0]], high[i, : space.shape[0]] = space.low, space.high
+    return low, high
+
+
 class MultiAgentArrays(gym.Env):
     """One MaMuJoCo parallel env seen as a gymnasium Env of arrays, so that gymnasium's vector API batches it.
 
@@ -238,7 +247,7 @@ class MultiAgentArrays(gym.Env):
         local_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
         self.obs_dims = [state_dim + n] * n if global_obs else local_dims
         self.act_dims = [s.shape[0] for s in act_spaces]
-        self.act_low, self.act_high = [s.low for s in act_spaces], [s.high for s in act_spaces]
+        self.act_low, self.act_high = padded_bounds(act_spaces, max(self.act_dims))
         self.observation_space = gym.spaces.Dict(
             {
                 "obs": gym.spaces.Box(-np.inf, np.inf, (n, max(self.obs_dims)), np.float32),
@@ -265,10 +274,8 @@ class MultiAgentArrays(gym.Env):
 
     def step(self, action: np.ndarray):
         # the Gaussian sample is clipped to the action bounds here only, not in its stored log-prob
-        actions = {
-            a: np.clip(action[i, : self.act_dims[i]], self.act_low[i], self.act_high[i])
-            for i, a in enumerate(self.agents)
-        }
+        action = np.clip(action, self.act_low, self.act_high)
+        actions = {a: action[i, : self.act_dims[i]] for i, a in enumerate(self.agents)}
         obs, rewards, terminations, truncations, _ = self.env.step(actions)
         first = self.agents[0]
         return self._arrays(obs), float(rewards[first]), bool(terminations[first]), bool(truncations[first]), {}

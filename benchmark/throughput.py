@@ -6,7 +6,10 @@ For each setting, alternately (so that the machine's noise hits both alike):
          adapter, random actions, same number of environments);
   train: the script itself with the setting's flags (`--vector-env async` included), its last logged `charts/SPS`
          (rollout, GAE and all updates included), and its median `perf/rollout_time` and `perf/update_time`.
-The table reports the medians over --repeats and the ratio train / raw.
+  library: for MPE and MaMuJoCo, the environments as their library ships them, PettingZoo's parallel API
+         (mpe2's and MaMuJoCo's `parallel_env`), `--num-envs` of them stepped in turn with random actions (drawn
+         before the clock starts) by a single process: what stepping these simulators costs without our adapter.
+The table reports the medians over --repeats and the ratios train / library and train / raw.
 
     python benchmark/throughput.py --settings mpe-n3 mpe-n5 mpe-n3-paper mpe-n5-paper --repeats 3
     python benchmark/throughput.py --settings mpe-n2 mpe-n3 mpe-n5 mpe-n8 --repeats 3   # scaling in N
@@ -16,6 +19,7 @@ The table reports the medians over --repeats and the ratio train / raw.
 
 import argparse
 import csv
+import importlib
 import os
 import statistics
 import subprocess
@@ -23,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -31,6 +36,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+FIELDS = [
+    "setting", "command", "library_sps", "raw_sps", "train_sps", "ratio_library", "ratio", "rollout_ms_per_step",
+    "raw_ms_per_step", "update_ms", "raw_all", "train_all", "library_all",
+]  # fmt: skip
 PAPER_EPOCHS = ["--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"]  # one full batch
 # name: (script, flags); flags are the script's own, and the raw stepping reads the environment ones
 SETTINGS = {
@@ -103,6 +112,45 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
         done += args.num_envs
     elapsed = time.perf_counter() - start
     envs.close()
+    return done / elapsed
+
+
+def library_sps(script: str, flags: list, steps: int) -> Optional[float]:
+    """Joint steps per second of the setting's environments through PettingZoo's parallel API, `num_envs` of them in
+    turn in one process, random actions; None for the batched simulators (SMAX, VMAS), which have no such API."""
+    module, args = script_args(script, flags)
+    if hasattr(args, "backend") or hasattr(module, "VMASEnvs"):
+        return None
+    if hasattr(args, "agent_conf"):
+        from gymnasium_robotics import mamujoco_v1
+
+        def make():
+            return mamujoco_v1.parallel_env(
+                args.env_id, args.agent_conf, agent_obsk=args.agent_obsk, max_episode_steps=args.max_episode_steps
+            )
+    else:
+        kwargs = {"N": args.num_agents or 3} if args.env_id == "simple_spread_v3" else {}
+        mpe = importlib.import_module(f"mpe2.{args.env_id}")
+
+        def make():
+            return mpe.parallel_env(continuous_actions=args.continuous_actions, max_cycles=args.max_cycles, **kwargs)
+
+    envs = [make() for _ in range(args.num_envs)]
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+        for agent in env.possible_agents:
+            env.action_space(agent).seed(i)
+    pool = [{a: env.action_space(a).sample() for a in env.possible_agents} for env in envs for _ in range(8)]
+    start, done = time.perf_counter(), 0
+    while done < steps:
+        for env in envs:
+            env.step(pool[done % len(pool)])
+            if not env.agents:
+                env.reset()
+            done += 1
+    elapsed = time.perf_counter() - start
+    for env in envs:
+        env.close()
     return done / elapsed
 
 
@@ -189,27 +237,32 @@ def main() -> None:
     rows = []
     for name in args.settings:
         script, flags = SETTINGS[name]
-        raws, trains, rollouts, updates = [], [], [], []
+        libraries, raws, trains, rollouts, updates = [], [], [], [], []
         for _ in range(args.repeats):
+            libraries.append(library_sps(script, flags, args.steps))
             raws.append(raw_sps(script, flags, args.steps))
             sps, rollout, update = train_sps(script, flags, args.steps)
             trains.append(sps)
             rollouts.append(rollout)
             updates.append(update)
         raw, train = statistics.median(raws), statistics.median(trains)
+        library = statistics.median(libraries) if libraries[0] is not None else None
         _, script_flags = script_args(script, flags)
         rows.append(
             {
                 "setting": name,
                 "command": f"python {script} {' '.join(flags)}",
+                "library_sps": "" if library is None else round(library),
                 "raw_sps": round(raw),
                 "train_sps": round(train),
+                "ratio_library": "" if library is None else round(train / library, 3),
                 "ratio": round(train / raw, 3),
                 "rollout_ms_per_step": round(1000 * statistics.median(rollouts) / script_flags.num_steps, 3),
                 "raw_ms_per_step": round(1000 * script_flags.num_envs / raw, 3),
                 "update_ms": round(1000 * statistics.median(updates), 1),
                 "raw_all": " ".join(str(round(x)) for x in raws),
                 "train_all": " ".join(str(round(x)) for x in trains),
+                "library_all": "" if library is None else " ".join(str(round(x)) for x in libraries),
             }
         )
         print(f"{name}: {rows[-1]}", flush=True)
@@ -220,18 +273,20 @@ def main() -> None:
             measured = {row["setting"] for row in rows}
             rows = [row for row in csv.DictReader(f) if row["setting"] not in measured] + rows
     with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
     print(
-        "\n| setting | command | raw SPS | train SPS | train / raw | rollout ms/step (raw) | update ms/iteration |"
-        "\n| --- | --- | --- | --- | --- | --- | --- |"
+        "\n| setting | command | library SPS | raw SPS | train SPS | train / library | train / raw "
+        "| rollout ms/step (raw) | update ms/iteration |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     for row in rows:
+        ratio_library = f"{float(row['ratio_library']):.2f}" if row.get("ratio_library") else "-"
         print(
-            f"| {row['setting']} | `{row['command']}` | {row['raw_sps']} | {row['train_sps']} "
-            f"| {float(row['ratio']):.2f} | {float(row['rollout_ms_per_step']):.2f} "
-            f"({float(row['raw_ms_per_step']):.2f}) | {float(row['update_ms']):.0f} |"
+            f"| {row['setting']} | `{row['command']}` | {row.get('library_sps') or '-'} | {row['raw_sps']} "
+            f"| {row['train_sps']} | {ratio_library} | {float(row['ratio']):.2f} "
+            f"| {float(row['rollout_ms_per_step']):.2f} ({float(row['raw_ms_per_step']):.2f}) "
+            f"| {float(row['update_ms']):.0f} |"
         )
 
 

@@ -1,5 +1,6 @@
 """Tests of lv_happo_mpe.py: the math of its pieces, then the script run as a user runs it."""
 
+import importlib
 import importlib.util
 import math
 
@@ -18,6 +19,7 @@ from conftest import (
 )
 
 import lv_happo_mpe as lv
+import lv_hatrpo_mpe as lv_hatrpo
 
 SCRIPT = "lv_happo_mpe.py"
 TINY = ("--total-timesteps", "400", "--num-envs", "2", "--num-steps", "50", "--update-epochs", "2")
@@ -176,6 +178,38 @@ def test_batched_actors_match_the_actor_modules(env_id, continuous, std_param):
             assert torch.all(action[:, i, actor.act_dim :] == 0)
         else:
             assert torch.equal(mode[:, i], dist.probs.argmax(-1)) and torch.all(action[:, i] < actor.act_dim)
+
+
+@pytest.mark.parametrize("script", [lv, lv_hatrpo])
+@pytest.mark.parametrize("env_id", lv.ENV_IDS)
+@pytest.mark.parametrize("continuous", [True, False])
+def test_wrapper_steps_as_mpe2_parallel_env_does(script, env_id, continuous):
+    # the wrapper drives mpe2's raw AEC env itself (no PettingZoo parallel conversion): the numbers must not change
+    env = script.MultiAgentArrays(env_id, None, continuous, 7)
+    reference = importlib.import_module(f"mpe2.{env_id}").parallel_env(continuous_actions=continuous, max_cycles=7)
+    rng, episode_ends = np.random.default_rng(0), 0
+    obs, _ = env.reset(seed=5)
+    reference.reset(seed=5)
+    for t in range(30):
+        if continuous:  # out of bounds on purpose: both clip to the agents' [0, 1]
+            action = rng.uniform(-0.5, 1.5, env.action_space.shape).astype(np.float32)
+            ref_action = {a: np.clip(action[i, : env.act_dims[i]], 0, 1) for i, a in enumerate(env.agents)}
+        else:
+            action = np.array([rng.integers(n) for n in env.act_dims])
+            ref_action = {a: int(action[i]) for i, a in enumerate(env.agents)}
+        obs, reward, terminated, truncated, _ = env.step(action)
+        ref_obs, ref_rewards, ref_terminations, ref_truncations, _ = reference.step(ref_action)
+        for i, agent in enumerate(env.agents):
+            assert np.array_equal(obs["obs"][i, : env.obs_dims[i]], ref_obs[agent])
+            assert np.all(obs["obs"][i, env.obs_dims[i] :] == 0)
+        assert np.array_equal(obs["state"], reference.state()) and obs["active"].tolist() == [1.0] * len(env.agents)
+        assert reward == sum(ref_rewards.values())
+        assert (terminated, truncated) == (any(ref_terminations.values()), any(ref_truncations.values()))
+        if terminated or truncated:
+            episode_ends += 1
+            env.reset(seed=t)
+            reference.reset(seed=t)
+    assert episode_ends == 4  # episodes of 7 steps
 
 
 def test_episode_truncates_at_max_cycles():
