@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 sys.path.insert(0, str(ROOT / "benchmark"))
 import report  # noqa: E402
 import run  # noqa: E402
+import throughput  # noqa: E402
 
 
 def test_grid_expansion_and_commands():
@@ -147,3 +148,16 @@ def test_variance_study_and_report_files(tmp_path):
     assert study[("happo", 2)] == pytest.approx(9.0) and study[("lv", 2)] == pytest.approx(3.0)
     for name in ("final.md", "final.csv", "mpe-spread-n3.png", "variance.png", "variance.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize(
+    "setting", ["mpe-n2", "mamujoco-halfcheetah-6x1", "hatrpo-mpe-n3", "mpe-n3-paper", "smax-3m", "vmas-n3"]
+)
+def test_throughput_library_baseline(setting):
+    # the library column steps PettingZoo's parallel API (mpe2, MaMuJoCo); the batched simulators have none
+    script, flags = throughput.SETTINGS[setting]
+    sps = throughput.library_sps(script, flags, 60)
+    if setting.startswith(("smax", "vmas")):
+        assert sps is None
+    else:
+        assert np.isfinite(sps) and sps > 0
