@@ -83,6 +83,13 @@ def script_args(script: str, flags: list):
     return module, module.parse_args(flags)
 
 
+def adapter_args(args) -> tuple:
+    """The arguments of an MPE or MaMuJoCo script's `make_env` and `MultiAgentArrays` for its parsed flags."""
+    if hasattr(args, "agent_conf"):  # MaMuJoCo
+        return (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
+    return (args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
+
+
 def raw_sps(script: str, flags: list, steps: int) -> float:
     """Joint steps per second of the script's environments in one process, driven by random actions."""
     module, args = script_args(script, flags)
@@ -90,11 +97,7 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
         return raw_smax_sps(module, args, steps)
     if hasattr(args, "max_steps") and hasattr(module, "VMASEnvs"):  # VMAS: the script's adapter, random actions
         return raw_vmas_sps(module, args, steps)
-    if hasattr(args, "agent_conf"):  # MaMuJoCo
-        env_args = (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
-    else:
-        env_args = (args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
-    env_fns = [module.make_env(*env_args) for _ in range(args.num_envs)]
+    env_fns = [module.make_env(*adapter_args(args)) for _ in range(args.num_envs)]
     envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
     envs.action_space.seed(0)
@@ -119,16 +122,13 @@ def library_sps(script: str, flags: list, steps: int) -> Optional[float]:
     """Joint steps per second of the setting's environments through PettingZoo's parallel API, `num_envs` of them in
     turn in one process, random actions; None for the batched simulators (SMAX, VMAS), which have no such API."""
     module, args = script_args(script, flags)
-    if hasattr(args, "backend") or hasattr(module, "VMASEnvs"):
+    if not hasattr(module, "MultiAgentArrays"):  # the scripts that wrap a PettingZoo env have this adapter
         return None
-    if hasattr(args, "agent_conf"):
-        from gymnasium_robotics import mamujoco_v1
+    if hasattr(args, "agent_conf"):  # MaMuJoCo: the parallel_env the script's adapter builds and wraps
 
         def make():
-            return mamujoco_v1.parallel_env(
-                args.env_id, args.agent_conf, agent_obsk=args.agent_obsk, max_episode_steps=args.max_episode_steps
-            )
-    else:
+            return module.MultiAgentArrays(*adapter_args(args)).env
+    else:  # MPE: the script's adapter drives mpe2's raw_env, so build mpe2's parallel_env here
         kwargs = {"N": args.num_agents or 3} if args.env_id == "simple_spread_v3" else {}
         mpe = importlib.import_module(f"mpe2.{args.env_id}")
 
