@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch import Tensor
-from torch.distributions import Categorical, Normal
+from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -34,8 +34,6 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
     """if toggled, train on the GPU (falls back to the CPU with a warning when there is none)"""
     track: bool = False
@@ -86,8 +84,6 @@ class Args:
     """the number of epochs of each actor's update"""
     critic_epochs: int = 5
     """the number of epochs of the critic's update"""
-    norm_adv: bool = True
-    """if toggled, normalize the advantages over the batch"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
     clip_vloss: bool = True
@@ -105,8 +101,7 @@ class Args:
     std_param: Literal["sigmoid", "log"] = "sigmoid"
     """Gaussian std: `sigmoid` is HARL's 0.5*sigmoid(p) (0.37 at start, at most 0.5); `log` is a free log-std"""
     factor: Literal["clipped", "raw", "none"] = "clipped"
-    """the factor M that weights a later agent's advantage: `clipped` min(M, c) is LV-HAPPO, `raw` is plain
-    HAPPO, `none` (M = 1) is the MAPPO-style update"""
+    """the factor M of a later agent's advantage: `clipped` min(M, c) LV-HAPPO, `raw` HAPPO, `none` (M = 1) MAPPO"""
     factor_clip: float = 1.0
     """the upper bound c of the clipped factor"""
     fixed_order: bool = False
@@ -125,6 +120,11 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
+def fail(message: str) -> None:
+    """Ends the run with one line on stderr that says what to do, and exit status 1."""
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
 def parse_args(argv: Optional[list] = None) -> Args:
     """tyro's parser, its boxed error report folded into one line (help still prints in full)."""
     captured = io.StringIO()
@@ -137,13 +137,12 @@ def parse_args(argv: Optional[list] = None) -> Args:
         report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
         report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
         message = " ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split())
-        sys.exit(f"{os.path.basename(__file__)}: error: {message} (see --help)")
+        fail(f"{message} (see --help)")
 
 
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
-POSITIVE = {"num_agents", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "max_cycles", "eval_episodes"}
-POSITIVE |= {"learning_rate", "clip_coef", "max_grad_norm", "factor_clip", "huber_delta"}
-POSITIVE |= {"torch_threads", "max_bad_updates"}
+POSITIVE = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
+POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
 
 
 def check_args(args: Args) -> Optional[str]:
@@ -166,13 +165,10 @@ def check_args(args: Args) -> Optional[str]:
 
 
 class MultiAgentArrays(gym.Env):
-    """One MPE scenario seen as a gymnasium Env of arrays, so that gymnasium's vector API batches it.
-
-    Observation: `obs` (num_agents, max_obs_dim), each agent's observation zero-padded, and `state`, the global
-    state. Action: (num_agents, max_act_dim) floats, each agent reading its first act_dim entries, or one integer
-    per agent (discrete). Reward: the sum of the agents' rewards. It makes PettingZoo's AEC calls on mpe2's
-    `raw_env` as `parallel_env` does, without the extra observations and wrappers (half the time of a step).
-    """
+    """One MPE scenario as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs` (num_agents,
+    max_obs_dim), each agent's zero-padded, and `state`; action (num_agents, max_act_dim) floats or (num_agents,)
+    integers; reward the sum of the agents' rewards. It makes the AEC calls on mpe2's `raw_env` that its
+    `parallel_env` makes, without the extra observations and wrappers (half the time of a step)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
@@ -224,9 +220,6 @@ class MultiAgentArrays(gym.Env):
     def render(self):
         return self.env.render()
 
-    def close(self):
-        self.env.close()
-
 
 def make_env(env_id: str, num_agents: Optional[int], continuous_actions: bool, max_cycles: int, render_mode=None):
     def thunk():
@@ -264,19 +257,14 @@ class Actor(nn.Module):
         if continuous:  # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
             self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
-    def distribution(self, obs: Tensor) -> torch.distributions.Distribution:
-        """The action distribution given padded observations (..., max_obs_dim)."""
+    def distribution(self, obs: Tensor) -> Distribution:
+        """The action distribution given padded observations (..., max_obs_dim): a Gaussian's log-probability and
+        entropy sum over the action dimensions."""
         out = self.head(self.net(obs[..., : self.obs_dim]))
         if not self.continuous:
             return Categorical(logits=out)
         std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Normal(out, std.expand_as(out))
-
-    def log_prob_entropy(self, dist: torch.distributions.Distribution, action: Tensor):
-        """Log-probability of padded actions and the entropy, summed over action dimensions when continuous."""
-        if not self.continuous:
-            return dist.log_prob(action), dist.entropy()
-        return dist.log_prob(action[..., : self.act_dim]).sum(-1), dist.entropy().sum(-1)
+        return Independent(Normal(out, std.expand_as(out)), 1)
 
 
 @torch.no_grad()
@@ -287,7 +275,7 @@ def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tupl
     for i, actor in enumerate(actors):  # each agent acts on its own observation with its own actor
         dist = actor.distribution(obs[:, i])
         action = dist.mode if deterministic else dist.sample()
-        logprobs.append(actor.log_prob_entropy(dist, action)[0])
+        logprobs.append(dist.log_prob(action))
         actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)) if actor.continuous else action)
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
@@ -304,10 +292,8 @@ class Critic(nn.Module):
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL).
-
-    The critic predicts normalized values; `denormalize` maps them back to returns. Disabled, it is the identity.
-    """
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL): the
+    critic predicts normalized values, `denormalize` maps them back to returns. Disabled, it is the identity."""
 
     def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
@@ -358,28 +344,21 @@ def compute_gae(
     return advantages
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
     return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
 
 
-def accumulate_factor(factor: Tensor, newlogprob: Tensor, oldlogprob: Tensor, mask: Tensor) -> Tensor:
-    """M <- M * pi_new(a|o) / pi_old(a|o) on every sample (unclipped); masked samples keep their factor."""
-    return factor * torch.where(mask > 0, (newlogprob - oldlogprob).exp(), torch.ones_like(factor))
+def accumulate_factor(factor: Tensor, newlogprob: Tensor, oldlogprob: Tensor) -> Tensor:
+    """M <- M * pi_new(a|o) / pi_old(a|o) on every sample (unclipped)."""
+    return factor * (newlogprob - oldlogprob).exp()
 
 
-def actor_loss(
-    newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, mask: Tensor, clip_coef: float
-) -> Tensor:
-    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] over the samples where mask is 1."""
+def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, clip_coef: float) -> Tensor:
+    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
     ratio = (newlogprob - oldlogprob).exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return -masked_mean(factor * surrogate, mask)
+    return -(factor * surrogate).mean()
 
 
 def critic_loss(
@@ -391,16 +370,13 @@ def critic_loss(
     huber_delta: Optional[float],
 ) -> Tensor:
     """Huber (or squared) error of the normalized value, the worse of clipped and unclipped when clip_vloss."""
-
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
     predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
     if huber_delta is None:
-        return (0.5 * (predictions - returns) ** 2).max(0).values.mean()
-    return (
-        F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
-        .max(0)
-        .values.mean()
-    )
+        errors = 0.5 * (predictions - returns) ** 2
+    else:
+        errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
+    return errors.max(0).values.mean()
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
@@ -440,31 +416,29 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 
 
 # flags a resumed run may change; every other one must match the checkpoint's
-RESUME_MAY_CHANGE = {"total_timesteps", "num_iterations", "resume", "checkpoint_every", "max_bad_updates", "cuda"}
-RESUME_MAY_CHANGE |= {"torch_threads", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
-RESUME_MAY_CHANGE |= {"eval_every", "eval_episodes"}
+RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
+RESUME_MAY_CHANGE = (
+    RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model eval_every eval_episodes"
+).split()
 
 
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and checkpoint["args"].get(k, v) != v]
     except Exception as error:
-        sys.exit(f"{os.path.basename(__file__)}: error: cannot read the checkpoint {args.resume}: {error!r:.200}")
-    for name in changed[:1]:
-        flag, value = f"--{name.replace('_', '-')}", checkpoint["args"][name]
-        sys.exit(
-            f"{os.path.basename(__file__)}: error: {args.resume} was trained with {flag} {value}, "
-            f"not {getattr(args, name)}: resume with the run's own flags"
-        )
+        fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v]
+    for name, value in flags[:1]:
+        flag = f"--{name.replace('_', '-')} {value}, not {getattr(args, name)}"
+        fail(f"{args.resume} was trained with {flag}: resume with the run's own flags")
     return checkpoint
 
 
 if __name__ == "__main__":
     args = parse_args()
     if (problem := check_args(args)) is not None:
-        sys.exit(f"{os.path.basename(__file__)}: error: {problem}")
+        fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
@@ -472,13 +446,10 @@ if __name__ == "__main__":
     num_agents_tag = f"_n{args.num_agents or 3}" if args.env_id == "simple_spread_v3" else ""
     run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
-    if args.capture_video:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen
-        if importlib.util.find_spec("moviepy") is None:
-            sys.exit(f"{os.path.basename(__file__)}: error: --capture-video needs moviepy: pip install moviepy")
+    for flag, package in (("capture_video", "moviepy"), ("track", "wandb")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            fail(f"--{flag.replace('_', '-')} needs {package}: pip install {package}")
     if args.track:
-        if importlib.util.find_spec("wandb") is None:
-            sys.exit(f"{os.path.basename(__file__)}: error: --track needs wandb: pip install wandb")
         import wandb
 
         wandb.init(
@@ -487,7 +458,6 @@ if __name__ == "__main__":
             sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            save_code=True,
         )
     # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
@@ -500,8 +470,8 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
 
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
@@ -512,26 +482,22 @@ if __name__ == "__main__":
     # infos["final_obs"], whose state the critic needs to bootstrap a truncated episode
     env_fns = [make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)] * args.num_envs
     vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(
-        vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    )
-    spec_env = env_fns[0]()
-    num_agents = len(spec_env.agents)
+    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs_dims, act_dims = envs.get_attr("obs_dims")[0], envs.get_attr("act_dims")[0]  # each agent's own sizes
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    num_agents = len(obs_dims)
     obs_shape = envs.single_observation_space["obs"].shape  # (num_agents, max_obs_dim)
     state_dim = envs.single_observation_space["state"].shape[0]
     action_shape = envs.single_action_space.shape  # (num_agents, max_act_dim) or (num_agents,)
 
     actors = nn.ModuleList(
         Actor(obs_dim, act_dim, args.continuous_actions, args.hidden_sizes, args.std_param)
-        for obs_dim, act_dim in zip(spec_env.obs_dims, spec_env.act_dims, strict=True)
+        for obs_dim, act_dim in zip(obs_dims, act_dims, strict=True)
     ).to(device)
     critic = Critic(state_dim, args.hidden_sizes).to(device)
     value_norm = ValueNorm(args.norm_value).to(device)
-    actor_optimizers = [
-        torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for actor in actors
-    ]
+    actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    spec_env.close()
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
@@ -562,8 +528,14 @@ if __name__ == "__main__":
         save_checkpoint(checkpoint_path, state | progress | {"rng": rng})
 
     interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: interrupted.append(signum))
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     # TRY NOT TO MODIFY: start the game
     start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
@@ -613,16 +585,9 @@ if __name__ == "__main__":
             value_norm.update(returns)
 
         # flatten the batch
-        b_obs = obs.reshape((-1,) + obs_shape)
-        b_states = states.reshape(-1, state_dim)
-        b_actions = actions.reshape((-1,) + action_shape)
-        b_logprobs = logprobs.reshape(-1, num_agents)
-        b_active = torch.ones_like(b_logprobs)  # MPE's agents never leave an episode early
-        b_advantages = advantages.reshape(-1)
-        b_returns = value_norm.normalize(returns.reshape(-1))
-        b_values = value_norm.normalize(values.reshape(-1))
-        if args.norm_adv:
-            b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+        b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
+        b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
+        b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
         # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
         # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
@@ -634,43 +599,34 @@ if __name__ == "__main__":
             m_used = factor_used(factor, args.factor, args.factor_clip)
             writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
             writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-            writer.add_scalar(
-                f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean().item(), global_step
-            )
+            writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
             writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
 
             actor, optimizer = actors[agent], actor_optimizers[agent]
+            a_obs, a_logprobs = b_obs[:, agent], b_logprobs[:, agent]
+            a_actions = b_actions[:, agent, : actor.act_dim] if args.continuous_actions else b_actions[:, agent]
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
-                    dist = actor.distribution(b_obs[mb_inds, agent])
-                    newlogprob, entropy = actor.log_prob_entropy(dist, b_actions[mb_inds, agent])
-                    mb_mask = b_active[mb_inds, agent]
-                    pg_loss = actor_loss(
-                        newlogprob,
-                        b_logprobs[mb_inds, agent],
-                        b_advantages[mb_inds],
-                        m_used[mb_inds],
-                        mb_mask,
-                        args.clip_coef,
-                    )
-                    entropy_loss = masked_mean(entropy, mb_mask)
+                    dist = actor.distribution(a_obs[mb_inds])
+                    newlogprob, entropy = dist.log_prob(a_actions[mb_inds]), dist.entropy()
+                    mb_adv, mb_factor = b_advantages[mb_inds], m_used[mb_inds]
+                    pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, args.clip_coef)
+                    entropy_loss = entropy.mean()
                     loss = pg_loss - args.ent_coef * entropy_loss
-                    if gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm):
-                        pg_losses.append(pg_loss.item())
-                        entropies.append(entropy_loss.item())
-                    else:
-                        skipped += 1
+                    skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
+                    pg_losses.append(pg_loss.item())
+                    entropies.append(entropy_loss.item())
 
             with torch.no_grad():
-                newlogprob, _ = actor.log_prob_entropy(actor.distribution(b_obs[:, agent]), b_actions[:, agent])
-                logratio = newlogprob - b_logprobs[:, agent]
+                newlogprob = actor.distribution(a_obs).log_prob(a_actions)
+                logratio = newlogprob - a_logprobs
                 ratio = logratio.exp()
                 approx_kls.append(((ratio - 1) - logratio).mean().item())
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
                 # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
+                factor = accumulate_factor(factor, newlogprob, a_logprobs)
 
         # ALGO LOGIC: critic update on the normalized returns
         v_losses = []
@@ -682,23 +638,17 @@ if __name__ == "__main__":
                 v_loss = critic_loss(
                     newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
                 )
-                if gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm):
-                    v_losses.append(v_loss.item())
-                else:
-                    skipped += 1
+                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                v_losses.append(v_loss.item())
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; too many such iterations in a row stop
         bad_updates = bad_updates + 1 if skipped else 0
         if skipped:
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
-            warning = f"warning: iteration {iteration}: {skipped} steps skipped for a non-finite loss or gradient"
-            print(warning, file=sys.stderr)
+            print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
         if bad_updates >= args.max_bad_updates:
             kept = checkpoint_path if os.path.exists(checkpoint_path) else "none (see --checkpoint-every)"
-            sys.exit(
-                f"{os.path.basename(__file__)}: error: {bad_updates} iterations in a row met non-finite values; "
-                f"stopped. Last checkpoint: {kept}"
-            )
+            fail(f"{bad_updates} bad iterations in a row; last checkpoint: {kept}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
@@ -715,7 +665,6 @@ if __name__ == "__main__":
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
         progress.update(args.batch_size)
-        progress.set_postfix(episodic_return=f"{mean_return:.2f}", SPS=sps)
         progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
         sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
         last_iteration = iteration
