@@ -6,7 +6,6 @@ import io
 import math
 import multiprocessing
 import os
-import random
 import re
 import signal
 import sys
@@ -467,7 +466,6 @@ if __name__ == "__main__":
     )
 
     # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
@@ -478,8 +476,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.set_num_threads(args.torch_threads)
 
-    # env setup: SAME_STEP autoreset returns a finished env's reset observation and puts the true final one in
-    # infos["final_obs"], whose state the critic needs to bootstrap a truncated episode
+    # env setup: SAME_STEP autoreset puts a truncated episode's final state, which the critic bootstraps, in infos
     env_fns = [make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)] * args.num_envs
     vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
     envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -516,13 +513,13 @@ if __name__ == "__main__":
     if checkpoint is not None:
         for name, module in stateful.items():
             module.load_state_dict(checkpoint[name])
-        random.setstate(checkpoint["rng"][0])
-        np.random.set_state(checkpoint["rng"][1])
-        torch.set_rng_state(checkpoint["rng"][2])
+        np.random.set_state(checkpoint["rng"][0])
+        torch.set_rng_state(checkpoint["rng"][1])
+        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
         global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
 
     def write_checkpoint() -> None:
-        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
         state = {name: module.state_dict() for name, module in stateful.items()}
         progress = {"global_step": global_step, "iteration": last_iteration, "run_name": run_name, "args": vars(args)}
         save_checkpoint(checkpoint_path, state | progress | {"rng": rng})
@@ -584,7 +581,6 @@ if __name__ == "__main__":
             returns = advantages + values
             value_norm.update(returns)
 
-        # flatten the batch
         b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
         b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
@@ -594,7 +590,7 @@ if __name__ == "__main__":
         order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
         factor = torch.ones(args.batch_size, device=device)
         b_inds = np.arange(args.batch_size)
-        pg_losses, entropies, approx_kls, clipfracs, skipped = [], [], [], [], 0
+        logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
         for k, agent in enumerate(order):
             m_used = factor_used(factor, args.factor, args.factor_clip)
             writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
@@ -610,26 +606,24 @@ if __name__ == "__main__":
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
                     dist = actor.distribution(a_obs[mb_inds])
-                    newlogprob, entropy = dist.log_prob(a_actions[mb_inds]), dist.entropy()
+                    newlogprob, entropy_loss = dist.log_prob(a_actions[mb_inds]), dist.entropy().mean()
                     mb_adv, mb_factor = b_advantages[mb_inds], m_used[mb_inds]
                     pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, args.clip_coef)
-                    entropy_loss = entropy.mean()
                     loss = pg_loss - args.ent_coef * entropy_loss
                     skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
-                    pg_losses.append(pg_loss.item())
-                    entropies.append(entropy_loss.item())
+                    logs["policy_loss"].append(pg_loss.item())
+                    logs["entropy"].append(entropy_loss.item())
 
             with torch.no_grad():
                 newlogprob = actor.distribution(a_obs).log_prob(a_actions)
                 logratio = newlogprob - a_logprobs
                 ratio = logratio.exp()
-                approx_kls.append(((ratio - 1) - logratio).mean().item())
-                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
+                logs["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
                 # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
                 factor = accumulate_factor(factor, newlogprob, a_logprobs)
 
         # ALGO LOGIC: critic update on the normalized returns
-        v_losses = []
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -639,7 +633,7 @@ if __name__ == "__main__":
                     newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
                 )
                 skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
-                v_losses.append(v_loss.item())
+                logs["value_loss"].append(v_loss.item())
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; too many such iterations in a row stop
         bad_updates = bad_updates + 1 if skipped else 0
@@ -655,11 +649,8 @@ if __name__ == "__main__":
         writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
-        writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
-        writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
-        writer.add_scalar("losses/approx_kl", np.mean(approx_kls), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        for name, values in logs.items():  # means over agents, epochs and minibatches
+            writer.add_scalar(f"losses/{name}", np.mean(values) if values else 0.0, global_step)
         if recent_returns:
             mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
@@ -676,9 +667,8 @@ if __name__ == "__main__":
     if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         write_checkpoint()
         writer.close()
-        print(f"interrupted at global_step={global_step}; checkpoint written to {checkpoint_path}")
         command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
-        print(f"resume with: python {command} --resume {checkpoint_path}")
+        print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
