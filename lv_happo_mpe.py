@@ -236,13 +236,13 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
-def mlp(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
-    """LayerNorm on the input, then Linear-ReLU-LayerNorm blocks (HARL's MLP base)."""
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
+    """LayerNorm on the input, Linear-ReLU-LayerNorm blocks (HARL's MLP base), then a linear output layer."""
     layers = [nn.LayerNorm(in_dim)]
     for size in hidden_sizes:
         layers += [layer_init(nn.Linear(in_dim, size)), nn.ReLU(), nn.LayerNorm(size)]
         in_dim = size
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, layer_init(nn.Linear(in_dim, out_dim), std=out_std))
 
 
 class Actor(nn.Module):
@@ -251,15 +251,14 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, continuous: bool, hidden_sizes: tuple[int, ...], std_param: str):
         super().__init__()
         self.obs_dim, self.act_dim, self.continuous, self.std_type = obs_dim, act_dim, continuous, std_param
-        self.net = mlp(obs_dim, hidden_sizes)
-        self.head = layer_init(nn.Linear(hidden_sizes[-1], act_dim), std=0.01)
+        self.net = mlp(obs_dim, hidden_sizes, act_dim, out_std=0.01)
         if continuous:  # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
             self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
     def distribution(self, obs: Tensor) -> Distribution:
         """The action distribution given padded observations (..., max_obs_dim): a Gaussian's log-probability and
         entropy sum over the action dimensions."""
-        out = self.head(self.net(obs[..., : self.obs_dim]))
+        out = self.net(obs[..., : self.obs_dim])
         if not self.continuous:
             return Categorical(logits=out)
         std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
@@ -277,17 +276,6 @@ def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tupl
         logprobs.append(dist.log_prob(action))
         actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)) if actor.continuous else action)
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
-
-
-class Critic(nn.Module):
-    """Centralized value function V(s) on the global state."""
-
-    def __init__(self, state_dim: int, hidden_sizes: tuple[int, ...]):
-        super().__init__()
-        self.net = nn.Sequential(mlp(state_dim, hidden_sizes), layer_init(nn.Linear(hidden_sizes[-1], 1), std=1.0))
-
-    def forward(self, state: Tensor) -> Tensor:
-        return self.net(state).squeeze(-1)
 
 
 class ValueNorm(nn.Module):
@@ -348,11 +336,6 @@ def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
 
 
-def accumulate_factor(factor: Tensor, newlogprob: Tensor, oldlogprob: Tensor) -> Tensor:
-    """M <- M * pi_new(a|o) / pi_old(a|o) on every sample (unclipped)."""
-    return factor * (newlogprob - oldlogprob).exp()
-
-
 def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, clip_coef: float) -> Tensor:
     """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
     ratio = (newlogprob - oldlogprob).exp()
@@ -379,8 +362,8 @@ def critic_loss(
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """One step on the clipped gradient, skipped (returns False) when the loss or the gradient norm is not finite:
-    such a value then reaches neither the parameters nor the optimizer's state."""
+    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient norm: neither reaches the
+    parameters nor the optimizer's state."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -408,12 +391,6 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
     return returns
 
 
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Writes a temporary file, then renames it over path: a crash mid-write leaves the previous checkpoint whole."""
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
 # flags a resumed run may change; every other one must match the checkpoint's
 RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
 RESUME_MAY_CHANGE = (
@@ -429,8 +406,7 @@ def load_checkpoint(args: Args) -> dict:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
     flags = [(k, v) for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v]
     for name, value in flags[:1]:
-        flag = f"--{name.replace('_', '-')} {value}, not {getattr(args, name)}"
-        fail(f"{args.resume} was trained with {flag}: resume with the run's own flags")
+        fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
     return checkpoint
 
 
@@ -461,8 +437,7 @@ if __name__ == "__main__":
     # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
     writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
 
     # TRY NOT TO MODIFY: seeding
@@ -491,7 +466,7 @@ if __name__ == "__main__":
         Actor(obs_dim, act_dim, args.continuous_actions, args.hidden_sizes, args.std_param)
         for obs_dim, act_dim in zip(obs_dims, act_dims, strict=True)
     ).to(device)
-    critic = Critic(state_dim, args.hidden_sizes).to(device)
+    critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
@@ -518,11 +493,12 @@ if __name__ == "__main__":
         torch.cuda.set_rng_state_all(checkpoint["rng"][2])
         global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
 
-    def write_checkpoint() -> None:
+    def write_checkpoint() -> None:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
         rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
         state = {name: module.state_dict() for name, module in stateful.items()}
         progress = {"global_step": global_step, "iteration": last_iteration, "run_name": run_name, "args": vars(args)}
-        save_checkpoint(checkpoint_path, state | progress | {"rng": rng})
+        torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
+        os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
 
     interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
 
@@ -572,9 +548,9 @@ if __name__ == "__main__":
         # bootstrap value if not done
         update_start = time.time()
         with torch.no_grad():
-            values = value_norm.denormalize(critic(states))  # (T, E)
-            next_value = value_norm.denormalize(critic(next_state))
-            final_values = value_norm.denormalize(critic(final_states))
+            values = value_norm.denormalize(critic(states).squeeze(-1))  # (T, E)
+            next_value = value_norm.denormalize(critic(next_state).squeeze(-1))
+            final_values = value_norm.denormalize(critic(final_states).squeeze(-1))
             advantages = compute_gae(
                 rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
             )
@@ -621,14 +597,14 @@ if __name__ == "__main__":
                 logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
                 logs["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
                 # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                factor = accumulate_factor(factor, newlogprob, a_logprobs)
+                factor = factor * ratio
 
         # ALGO LOGIC: critic update on the normalized returns
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
-                newvalue = critic(b_states[mb_inds])
+                newvalue = critic(b_states[mb_inds]).squeeze(-1)
                 v_loss = critic_loss(
                     newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
                 )
@@ -641,8 +617,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
         if bad_updates >= args.max_bad_updates:
-            kept = checkpoint_path if os.path.exists(checkpoint_path) else "none (see --checkpoint-every)"
-            fail(f"{bad_updates} bad iterations in a row; last checkpoint: {kept}")
+            fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
