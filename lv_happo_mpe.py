@@ -24,8 +24,6 @@ from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-ENV_IDS = ("simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4")
-
 
 @dataclass
 class Args:
@@ -53,8 +51,8 @@ class Args:
     """stop after this many iterations in a row that skipped a gradient step for a non-finite loss or gradient"""
 
     # Algorithm specific arguments
-    env_id: str = "simple_spread_v3"
-    """the MPE scenario: simple_spread_v3, simple_reference_v3 or simple_speaker_listener_v4"""
+    env_id: Literal["simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4"] = "simple_spread_v3"
+    """the MPE scenario (simple_speaker_listener_v4: agents of different observation and action sizes)"""
     num_agents: Optional[int] = None
     """the number of agents of simple_spread_v3 (3 when not given; the other scenarios have 2)"""
     continuous_actions: bool = True
@@ -152,8 +150,7 @@ def check_args(args: Args) -> Optional[str]:
             words = "a positive number" if name in POSITIVE else "a finite number, not negative"
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
-        (args.env_id not in ENV_IDS, f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"),
-        (args.env_id != ENV_IDS[0] and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
+        (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
         (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
@@ -256,8 +253,7 @@ class Actor(nn.Module):
             self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
     def distribution(self, obs: Tensor) -> Distribution:
-        """The action distribution given padded observations (..., max_obs_dim): a Gaussian's log-probability and
-        entropy sum over the action dimensions."""
+        """The action distribution given padded observations (..., max_obs_dim), a Gaussian's over all dimensions."""
         out = self.net(obs[..., : self.obs_dim])
         if not self.continuous:
             return Categorical(logits=out)
@@ -279,8 +275,7 @@ def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tupl
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL): the
-    critic predicts normalized values, `denormalize` maps them back to returns. Disabled, it is the identity."""
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
     def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
@@ -315,11 +310,9 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> Tensor:
-    """GAE(gamma, lambda) over a rollout (num_steps, num_envs) with exact episode ends: the value after step t is
-    V(s_{t+1}) inside an episode, 0 after a termination, V(final state) (final_values) after a truncation.
-
-    delta_t = r_t + gamma * V_next_t - V(s_t), A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
-    """
+    """GAE(gamma, lambda) over (num_steps, num_envs), exact at episode ends: delta_t = r_t + gamma * V_next_t - V(s_t),
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is V(s_{t+1}) inside an episode, 0 after
+    a termination and V(final state) (final_values) after a truncation."""
     next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
     next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
     not_done = 1.0 - torch.maximum(terminations, truncations)
@@ -362,8 +355,7 @@ def critic_loss(
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient norm: neither reaches the
-    parameters nor the optimizer's state."""
+    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)

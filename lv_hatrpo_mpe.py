@@ -25,8 +25,6 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-ENV_IDS = ("simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4")
-
 
 @dataclass
 class Args:
@@ -54,8 +52,8 @@ class Args:
     """stop after this many iterations in a row that skipped a gradient step for a non-finite loss or gradient"""
 
     # Algorithm specific arguments
-    env_id: str = "simple_spread_v3"
-    """the MPE scenario: simple_spread_v3, simple_reference_v3 or simple_speaker_listener_v4"""
+    env_id: Literal["simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4"] = "simple_spread_v3"
+    """the MPE scenario (simple_speaker_listener_v4: agents of different observation and action sizes)"""
     num_agents: Optional[int] = None
     """the number of agents of simple_spread_v3 (3 when not given; the other scenarios have 2)"""
     continuous_actions: bool = True
@@ -162,11 +160,10 @@ def check_args(args: Args) -> Optional[str]:
             words = "a positive number" if name in POSITIVE else "a finite number, not negative"
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
-        (args.env_id not in ENV_IDS, f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"),
-        (args.env_id != ENV_IDS[0] and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
+        (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
         (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
-        (max(args.gamma, args.gae_lambda, args.accept_ratio) > 1, "--gamma, --gae-lambda, --accept-ratio: in [0, 1]"),
-        (args.backtrack_coef >= 1, f"--backtrack-coef must lie in (0, 1), got {args.backtrack_coef}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (max(args.accept_ratio, args.backtrack_coef) > 1, "--accept-ratio and --backtrack-coef must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
@@ -267,8 +264,7 @@ class Actor(nn.Module):
             self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
     def distribution(self, obs: Tensor) -> Distribution:
-        """The action distribution given padded observations (..., max_obs_dim): a Gaussian's log-probability and
-        entropy sum over the action dimensions."""
+        """The action distribution given padded observations (..., max_obs_dim), a Gaussian's over all dimensions."""
         out = self.net(obs[..., : self.obs_dim])
         if not self.continuous:
             return Categorical(logits=out)
@@ -290,8 +286,7 @@ def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tupl
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL): the
-    critic predicts normalized values, `denormalize` maps them back to returns. Disabled, it is the identity."""
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
     def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
@@ -326,11 +321,9 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> Tensor:
-    """GAE(gamma, lambda) over a rollout (num_steps, num_envs) with exact episode ends: the value after step t is
-    V(s_{t+1}) inside an episode, 0 after a termination, V(final state) (final_values) after a truncation.
-
-    delta_t = r_t + gamma * V_next_t - V(s_t), A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
-    """
+    """GAE(gamma, lambda) over (num_steps, num_envs), exact at episode ends: delta_t = r_t + gamma * V_next_t - V(s_t),
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is V(s_{t+1}) inside an episode, 0 after
+    a termination and V(final state) (final_values) after a truncation."""
     next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
     next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
     not_done = 1.0 - torch.maximum(terminations, truncations)
@@ -353,21 +346,6 @@ def surrogate(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor
     return (factor * ratio * advantages).mean()
 
 
-def conjugate_gradient(fvp, b: Tensor, iters: int, residual_tol: float = 1e-10) -> Tensor:
-    """Solves F x = b for a symmetric positive definite F known only through products fvp(v) = F v."""
-    x, r, p = torch.zeros_like(b), b.clone(), b.clone()
-    rr = r @ r
-    for _ in range(iters):
-        fp = fvp(p)
-        alpha = rr / (p @ fp)
-        x, r = x + alpha * p, r - alpha * fp
-        rr_new = r @ r
-        if rr_new < residual_tol:
-            break
-        p, rr = r + (rr_new / rr) * p, rr_new
-    return x
-
-
 def trpo_step(actor: Actor, obs: Tensor, actions: Tensor, oldlogprob: Tensor, adv: Tensor, m: Tensor, args: Args):
     """One agent's step: maximise E[M r A] s.t. mean KL(pi_old || pi_new) <= delta, by the natural gradient
     x = F^-1 g (conjugate gradient; F the Hessian of the mean KL), scaled to sqrt(2 delta / x^T F x) x, then
@@ -388,7 +366,16 @@ def trpo_step(actor: Actor, obs: Tensor, actions: Tensor, oldlogprob: Tensor, ad
     def fvp(v: Tensor) -> Tensor:  # v -> (F + damping * I) v
         return parameters_to_vector(torch.autograd.grad(grad_kl @ v, params, retain_graph=True)) + args.cg_damping * v
 
-    direction = conjugate_gradient(fvp, g, args.cg_iters)
+    direction, r, p = torch.zeros_like(g), g.clone(), g.clone()  # conjugate gradient: (F + damping * I) x = g
+    rr = r @ r
+    for _ in range(args.cg_iters):
+        fp = fvp(p)
+        alpha = rr / (p @ fp)
+        direction, r = direction + alpha * p, r - alpha * fp
+        rr_new = r @ r
+        if rr_new < 1e-10:
+            break
+        p, rr = r + (rr_new / rr) * p, rr_new
     shs = direction @ fvp(direction)
     full_step = (2 * args.kl_threshold / shs).sqrt() * direction
     expected_improve = g @ full_step
@@ -424,8 +411,7 @@ def critic_loss(
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient norm: neither reaches the
-    parameters nor the optimizer's state."""
+    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
