@@ -441,9 +441,7 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
 
 # flags a resumed run may change; every other one must match the checkpoint's
 RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
-RESUME_MAY_CHANGE = (
-    RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model eval_every eval_episodes"
-).split()
+RESUME_MAY_CHANGE = (RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model").split()
 
 
 def load_checkpoint(args: Args) -> dict:
