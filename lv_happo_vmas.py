@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from gymnasium.utils.save_video import save_video
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
@@ -153,8 +154,7 @@ def check_args(args: Args) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     if importlib.util.find_spec("vmas") is None:
         return "this script needs vmas: pip install -r requirements.txt (or pip install vmas)"
-    import vmas
-
+    vmas = importlib.import_module("vmas")
     scenarios = sorted(vmas.scenarios + vmas.mpe_scenarios + vmas.debug_scenarios)
     problems = [
         (args.env_id not in scenarios, f"unknown VMAS scenario --env-id {args.env_id!r}: choose one of {scenarios}"),
@@ -167,54 +167,35 @@ def check_args(args: Args) -> Optional[str]:
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
     try:  # the scenario itself decides which agent counts it takes
-        VMASEnvs(args.env_id, args.num_agents, args.continuous_actions, 1, args.max_steps, 0, torch.device("cpu"))
+        VMASEnvs(args, 1, 0, torch.device("cpu"))
     except (AssertionError, ValueError, TypeError) as error:
         return f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out"
 
 
 class VMASEnvs:
-    """`num_envs` copies of a VMAS scenario simulated as one batch on `device`, seen as padded tensors: obs (E, N,
-    max_obs_dim), each agent's zero-padded; state (E, sum of obs dims), all agents' observations joined (VMAS has no
-    global state); actions (E, N, max_act_dim) floats (VMAS clamps them to the agent's range) or (E, N) integers.
-    `step` returns obs, state, the team reward (E,), terminated, truncated (E,) and final_state, the state before a
-    finished environment's reset: finished environments are reset in place, so obs and state belong to the next
-    episode there."""
+    """`num_envs` copies of a VMAS scenario simulated as one batch on `device`, as padded tensors: obs (E, N,
+    max_obs_dim), state (E, sum of obs dims), all observations joined (VMAS has no global state); actions (E, N,
+    max_act_dim) floats or (E, N) integers. `step` returns obs, state, the team reward, terminated, truncated (E,) and
+    final_state, the state before a reset: finished environments restart in place, each on its own."""
 
-    def __init__(
-        self,
-        env_id: str,
-        num_agents: Optional[int],
-        continuous_actions: bool,
-        num_envs: int,
-        max_steps: Optional[int],
-        seed: int,
-        device: torch.device,
-    ):
+    def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
         import vmas
 
         # vmas may print notices and warn of unused kwargs (an n_agents it ignores is caught below) while building
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            max_steps = max_steps or (25 if env_id.startswith("simple") else 100)
-            kwargs = {} if num_agents is None else {"n_agents": num_agents}
-            self.env = vmas.make_env(
-                env_id,
-                num_envs,
-                device,
-                continuous_actions,
-                max_steps=max_steps,
-                seed=seed,
-                **kwargs,
-                terminated_truncated=True,
-                clamp_actions=True,
-            )
-        if num_agents is not None and self.env.n_agents != num_agents:
+            kwargs = dict(seed=seed, terminated_truncated=True, clamp_actions=True)  # actions clamped to their range
+            kwargs["max_steps"] = args.max_steps or (25 if args.env_id.startswith("simple") else 100)
+            kwargs |= {} if args.num_agents is None else {"n_agents": args.num_agents}
+            self.env = vmas.make_env(args.env_id, num_envs, device, args.continuous_actions, **kwargs)
+        if args.num_agents is not None and self.env.n_agents != args.num_agents:
             raise ValueError(f"it always has {self.env.n_agents} agents")
-        self.num_envs, self.continuous, self.shared_reward = num_envs, continuous_actions, env_id in SHARED_REWARD
+        self.num_envs, self.continuous = num_envs, args.continuous_actions
+        self.shared_reward = args.env_id in SHARED_REWARD
         self.agents = self.env.agents
         self.obs_dims = [space.shape[0] for space in self.env.observation_space]
         self.act_dims = [
-            self.env.get_agent_action_size(a) if continuous_actions else int(s.n)
+            self.env.get_agent_action_size(a) if self.continuous else int(s.n)
             for a, s in zip(self.agents, self.env.action_space, strict=True)
         ]
         self.state_dim = sum(self.obs_dims)
@@ -229,9 +210,7 @@ class VMASEnvs:
     def step(self, actions: Tensor) -> tuple:
         if self.continuous:  # each agent reads its first act_dim entries
             actions = [actions[:, i, :dim] for i, dim in enumerate(self.act_dims)]
-        obs, rewards, terminated, truncated, _ = self.env.step(
-            list(actions.unbind(1)) if not self.continuous else actions
-        )
+        obs, rewards, terminated, truncated, _ = self.env.step(actions if self.continuous else list(actions.unbind(1)))
         rewards = torch.stack([r.reshape(self.num_envs) for r in rewards], 1)  # (E, N)
         reward = rewards[:, 0] if self.shared_reward else rewards.sum(1)
         final_obs, final_state = self._arrays(obs)
@@ -242,9 +221,7 @@ class VMASEnvs:
         elif done_envs:
             for env_idx in done_envs:
                 self.env.reset_at(env_idx, return_observations=False)
-            obs = self.env.get_from_scenario(
-                get_observations=True, get_rewards=False, get_infos=False, get_dones=False
-            )[0]
+            obs = self.env.get_from_scenario(True, False, False, False)[0]  # the observations only
         next_obs, next_state = self._arrays(obs) if done_envs else (final_obs, final_state)
         return next_obs, next_state, reward, terminated, truncated, final_state
 
@@ -390,8 +367,7 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
     """Team returns of deterministic episodes, one per environment of a batch of their own, seeded apart from
     training's; with video_folder, environment 0's episode is rendered into a video there."""
-    env_args = (args.env_id, args.num_agents, args.continuous_actions, args.eval_episodes, args.max_steps)
-    envs = VMASEnvs(*env_args, args.seed + 10_000, device)
+    envs = VMASEnvs(args, args.eval_episodes, args.seed + 10_000, device)
     next_obs, _ = envs.reset()
     episode_returns = torch.zeros(args.eval_episodes, device=device)
     returns = torch.full((args.eval_episodes,), torch.nan, device=device)  # each environment's first episode
@@ -406,8 +382,6 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
         returns = torch.where(done & returns.isnan(), episode_returns, returns)
         episode_returns *= ~done
     if frames:
-        from gymnasium.utils.save_video import save_video
-
         save_video(frames, video_folder, fps=30, name_prefix=args.env_id)
     return returns.tolist()
 
@@ -470,9 +444,7 @@ if __name__ == "__main__":
     torch.set_num_threads(args.torch_threads)
 
     # env setup: every environment in one batched simulator on the training device
-    envs = VMASEnvs(
-        args.env_id, args.num_agents, args.continuous_actions, args.num_envs, args.max_steps, args.seed, device
-    )
+    envs = VMASEnvs(args, args.num_envs, args.seed, device)
     num_agents, obs_dims, act_dims, state_dim = len(envs.agents), envs.obs_dims, envs.act_dims, envs.state_dim
     obs_shape = (num_agents, max(obs_dims))  # (num_agents, max_obs_dim)
     action_shape = (num_agents, max(act_dims)) if args.continuous_actions else (num_agents,)
@@ -495,9 +467,6 @@ if __name__ == "__main__":
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): the team reward
     terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
     truncations = torch.zeros((args.num_steps, args.num_envs), device=device)
-    # finished episodes, kept on the device and logged once per iteration: (T, E) each
-    finished = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    finished_returns, finished_lengths = torch.zeros_like(rewards), torch.zeros_like(rewards)
 
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
@@ -534,7 +503,7 @@ if __name__ == "__main__":
         torch.zeros(args.num_envs, device=device),
         torch.zeros(args.num_envs, device=device),
     )
-    mean_return, bad_updates = float("nan"), 0
+    recent_returns, mean_return, bad_updates = [], float("nan"), 0
     progress = tqdm(initial=global_step, total=args.num_iterations * args.batch_size, disable=not sys.stderr.isatty())
 
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -547,6 +516,7 @@ if __name__ == "__main__":
 
         rollout_start = time.time()
         for step in range(args.num_steps):
+            global_step += args.num_envs
             obs[step], states[step] = next_obs, next_state
 
             # ALGO LOGIC: each agent acts on its own observation with its own actor
@@ -557,21 +527,14 @@ if __name__ == "__main__":
                 actions[step] if args.continuous_actions else actions[step].long()
             )
             terminations[step], truncations[step] = terminated, truncated
-            episode_returns += rewards[step]
-            episode_lengths += 1
-            finished[step] = terminated | truncated
-            finished_returns[step], finished_lengths[step] = episode_returns, episode_lengths
-            episode_returns *= ~finished[step]
-            episode_lengths *= ~finished[step]
-        global_step += args.batch_size
-        ends = finished.nonzero()  # (episodes, 2): step and environment of each episode's end
-        steps_of_end = (global_step - args.batch_size + (ends[:, 0] + 1) * args.num_envs).tolist()
-        for step_of_end, episodic_return, episodic_length in zip(
-            steps_of_end, finished_returns[finished].tolist(), finished_lengths[finished].tolist(), strict=True
-        ):
-            writer.add_scalar("charts/episodic_return", episodic_return, step_of_end)
-            writer.add_scalar("charts/episodic_length", episodic_length, step_of_end)
-        mean_return = finished_returns[finished].mean().item() if len(ends) else mean_return
+            episode_returns, episode_lengths = episode_returns + rewards[step], episode_lengths + 1
+            if (done := terminated | truncated).any():  # one copy to the host for all finished episodes
+                ended = torch.stack([episode_returns, episode_lengths], 1)[done].tolist()
+                for episodic_return, episodic_length in ended:
+                    recent_returns.append(episodic_return)
+                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            episode_returns, episode_lengths = episode_returns * ~done, episode_lengths * ~done
 
         # bootstrap value if not done
         update_start = time.time()
@@ -652,6 +615,8 @@ if __name__ == "__main__":
         writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/SPS", sps, global_step)
+        if recent_returns:
+            mean_return, recent_returns = np.mean(recent_returns), []
         for name, values in logs.items():  # means over agents, epochs and minibatches
             writer.add_scalar(f"losses/{name}", np.mean(values) if values else 0.0, global_step)
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
