@@ -1,11 +1,10 @@
 # lv_happo_mamujoco.py: LV-HAPPO on Multi-Agent MuJoCo (gymnasium-robotics). Docs: README.md, "lv_happo_mamujoco.py".
 import contextlib
-import copy
 import importlib.util
 import io
+import math
 import multiprocessing
 import os
-import random
 import re
 import signal
 import sys
@@ -20,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.distributions import Normal
+from torch import Tensor
+from torch.distributions import Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -28,20 +28,9 @@ with contextlib.redirect_stderr(io.StringIO()):  # gymnasium-robotics prints a n
     from gymnasium_robotics import mamujoco_v1
     from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
 
-ENV_IDS = (
-    "HalfCheetah",
-    "Ant",
-    "Hopper",
-    "Humanoid",
-    "HumanoidStandup",
-    "Reacher",
-    "Pusher",
-    "Swimmer",
-    "Walker2d",
-    "CoupledHalfCheetah",
-    "ManySegmentSwimmer",
-    "ManySegmentAnt",
-)  # the scenarios that gymnasium_robotics.mamujoco_v1 partitions
+# the scenarios that gymnasium_robotics.mamujoco_v1 partitions
+ENV_IDS = ("HalfCheetah", "Ant", "Hopper", "Humanoid", "HumanoidStandup", "Reacher", "Pusher", "Swimmer", "Walker2d")
+ENV_IDS += ("CoupledHalfCheetah", "ManySegmentSwimmer", "ManySegmentAnt")
 
 
 def mujoco_warning(message: str) -> None:
@@ -59,8 +48,6 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
     """if toggled, train on the GPU (falls back to the CPU with a warning when there is none)"""
     track: bool = False
@@ -70,16 +57,15 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record the evaluation episodes as videos under `videos/{run_name}` (off-screen, MUJOCO_GL=egl)"""
+    """if toggled, record the final evaluation episodes as videos under `videos/{run_name}` (MUJOCO_GL=egl)"""
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
     checkpoint_every: int = 0
-    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt);
-    each one starts new episodes, so that a run resumed from it continues exactly"""
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
     """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
     max_bad_updates: int = 3
-    """stop after this many iterations in a row whose update met a non-finite loss, gradient or parameter"""
+    """stop after this many iterations in a row that skipped a gradient step for a non-finite loss or gradient"""
 
     # Algorithm specific arguments
     env_id: str = "HalfCheetah"
@@ -95,11 +81,7 @@ class Args:
     total_timesteps: int = 1_000_000
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
-    """the learning rate of the actors' optimizers"""
-    critic_learning_rate: float = 5e-4
-    """the learning rate of the critic's optimizer"""
-    anneal_lr: bool = False
-    """if toggled, anneal both learning rates linearly to zero"""
+    """the learning rate of the actors' and the critic's optimizers"""
     num_envs: int = 10
     """the number of parallel environments"""
     vector_env: Literal["sync", "async"] = "sync"
@@ -118,8 +100,6 @@ class Args:
     """the number of epochs of each actor's update"""
     critic_epochs: int = 5
     """the number of epochs of the critic's update"""
-    norm_adv: bool = True
-    """if toggled, normalize the advantages over the batch"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
     clip_vloss: bool = True
@@ -129,7 +109,7 @@ class Args:
     norm_value: bool = True
     """if toggled, normalize the value targets with running statistics"""
     ent_coef: float = 0.01
-    """coefficient of the entropy bonus"""
+    """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
     max_grad_norm: float = 10.0
     """the maximum norm for the gradient clipping"""
     hidden_sizes: tuple[int, ...] = (128, 128)
@@ -137,14 +117,15 @@ class Args:
     std_param: Literal["sigmoid", "log"] = "sigmoid"
     """Gaussian std: `sigmoid` is HARL's 0.5*sigmoid(p) (0.37 at start, at most 0.5); `log` is a free log-std"""
     factor: Literal["clipped", "raw", "none"] = "clipped"
-    """the factor M that weights a later agent's advantage: `clipped` min(M, c) is LV-HAPPO, `raw` is plain
-    HAPPO, `none` (M = 1) is the MAPPO-style update"""
+    """the factor M of a later agent's advantage: `clipped` min(M, c) LV-HAPPO, `raw` HAPPO, `none` (M = 1) MAPPO"""
     factor_clip: float = 1.0
     """the upper bound c of the clipped factor"""
     fixed_order: bool = False
     """if toggled, update the agents in their fixed order instead of a random permutation per iteration"""
+    eval_every: int = 0
+    """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
     eval_episodes: int = 10
-    """the number of deterministic evaluation episodes at the end (with --save-model or --capture-video)"""
+    """the number of deterministic evaluation episodes (with --eval-every, --save-model or --capture-video)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -153,6 +134,11 @@ class Args:
     """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
+
+
+def fail(message: str) -> None:
+    """Ends the run with one line on stderr that says what to do, and exit status 1."""
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
@@ -164,109 +150,77 @@ def parse_args(argv: Optional[list] = None) -> Args:
     except SystemExit as exit_:
         if not exit_.code:
             raise
-        # the box's body up to its first rule: the message, without the help text tyro appends
-        report = captured.getvalue().splitlines()[1:]
+        report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
         report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
         message = " ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split())
-        sys.exit(f"{os.path.basename(__file__)}: error: {message} (see --help)")
+        fail(f"{message} (see --help)")
+
+
+# numeric flags that must be above zero; every numeric flag must be finite and not negative
+POSITIVE = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
+POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
 
 
 def check_args(args: Args) -> Optional[str]:
-    """Returns what is wrong with the flags, as one line that says what to do, or None."""
-    if args.env_id not in ENV_IDS:
-        return f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in POSITIVE else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in POSITIVE else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (args.env_id not in ENV_IDS, f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
+    ]
+    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
+        return problem
     try:  # MaMuJoCo's partitions of the task, checked without building the robot
         get_parts_and_edges(args.env_id, args.agent_conf)
     except Exception as error:
         return f"{args.env_id} has no partition --agent-conf {args.agent_conf!r} ({error}): see the README's list"
-    if args.agent_obsk < 0:
-        return f"--agent-obsk must be at least 0, got {args.agent_obsk}"
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "max_episode_steps", "eval_episodes"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-    for name in ("learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm", "factor_clip"):
-        if not getattr(args, name) > 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.torch_threads < 1:
-        return f"--torch-threads must be at least 1, got {args.torch_threads}"
-    if args.checkpoint_every < 0 or args.max_bad_updates < 1:
-        return "--checkpoint-every must not be negative and --max-bad-updates must be at least 1"
-    if args.resume is not None and not os.path.isfile(args.resume):
-        return f"--resume {args.resume}: no such file (checkpoints are written to runs/<run>/checkpoint.pt)"
-    if args.update_epochs < 0 or args.critic_epochs < 0 or args.ent_coef < 0:
-        return "--update-epochs, --critic-epochs and --ent-coef must not be negative"
-    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        return "--gamma and --gae-lambda must lie in [0, 1]"
-    if args.huber_delta is not None and not args.huber_delta > 0:
-        return f"--huber-delta must be positive (or None for the squared error), got {args.huber_delta}"
-    if not args.hidden_sizes or min(args.hidden_sizes) < 1:
-        return "--hidden-sizes needs at least one positive layer size, e.g. --hidden-sizes 128 128"
-    if args.num_minibatches > args.num_envs * args.num_steps:
-        return f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.num_envs * args.num_steps} samples"
-    return None
-
-
-def padded_bounds(spaces: list, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The agents' action bounds as two (num_agents, width) arrays, padding unbounded: one clip for all agents."""
-    low = np.full((len(spaces), width), -np.inf, np.float32)
-    high = np.full((len(spaces), width), np.inf, np.float32)
-    for i, space in enumerate(spaces):
-        low[i, : space.shape[0]], high[i, : space.shape[0]] = space.low, space.high
-    return low, high
 
 
 class MultiAgentArrays(gym.Env):
-    """One MaMuJoCo parallel env seen as a gymnasium Env of arrays, so that gymnasium's vector API batches it.
-
-    Observation: a dict of `obs` (num_agents, max_obs_dim), each agent's local observation (its joints and those
-    within agent_obsk hops, zero-padded to the largest) or, with global_obs, the full state and a one-hot agent id;
-    `state` (state_dim,), the global state; `active` (num_agents,), all 1 (the agents of one robot end together).
-    Action: (num_agents, max_act_dim) floats, each agent reading its first act_dim entries. Reward: the task's
-    reward, which MaMuJoCo gives to every agent alike: the team reward is that reward, not a sum over agents.
-    """
+    """One MaMuJoCo parallel env as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs`
+    (num_agents, max_obs_dim), each agent's local observation (its joints and those within agent_obsk hops,
+    zero-padded) or, with global_obs, the full state and a one-hot agent id, and `state`, the global state; action
+    (num_agents, max_act_dim), each agent reading its first act_dim entries; reward the task's reward, which MaMuJoCo
+    gives every agent alike (the team reward is that reward, not a sum)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(
-        self,
-        env_id: str,
-        agent_conf: str,
-        agent_obsk: int,
-        global_obs: bool,
-        max_episode_steps: int,
-        render_mode: Optional[str] = None,
-    ):
+    def __init__(self, args: Args, render_mode: Optional[str] = None):
         self.env = mamujoco_v1.parallel_env(
-            env_id, agent_conf, agent_obsk=agent_obsk, render_mode=render_mode, max_episode_steps=max_episode_steps
+            args.env_id,
+            args.agent_conf,
+            agent_obsk=args.agent_obsk,
+            render_mode=render_mode,
+            max_episode_steps=args.max_episode_steps,
         )
-        self.render_mode, self.global_obs = render_mode, global_obs
+        self.render_mode, self.global_obs = render_mode, args.global_obs
         self.agents = list(self.env.possible_agents)
-        n = len(self.agents)
-        act_spaces = [self.env.action_space(a) for a in self.agents]
-        state_dim = self.env.single_agent_env.observation_space.shape[0]  # env.state() is the single-agent obs
+        self.act_spaces = [self.env.action_space(a) for a in self.agents]
+        n, state_dim = len(self.agents), self.env.single_agent_env.observation_space.shape[0]  # env.state()'s size
         local_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
-        self.obs_dims = [state_dim + n] * n if global_obs else local_dims
-        self.act_dims = [s.shape[0] for s in act_spaces]
-        self.act_low, self.act_high = padded_bounds(act_spaces, max(self.act_dims))
-        self.observation_space = gym.spaces.Dict(
-            {
-                "obs": gym.spaces.Box(-np.inf, np.inf, (n, max(self.obs_dims)), np.float32),
-                "state": gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float32),
-                "active": gym.spaces.Box(0.0, 1.0, (n,), np.float32),
-            }
-        )
+        self.obs_dims = [state_dim + n] * n if args.global_obs else local_dims
+        self.act_dims = [s.shape[0] for s in self.act_spaces]
+        obs_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.obs_dims)), np.float32)
+        state_space = gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float32)
+        self.observation_space = gym.spaces.Dict({"obs": obs_space, "state": state_space})
         self.action_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.act_dims)), np.float32)
 
     def _arrays(self, obs: dict) -> dict:
-        n = len(self.agents)
-        state = self.env.state().astype(np.float32)
+        n, state = len(self.agents), self.env.state().astype(np.float32)
         if self.global_obs:
-            padded = np.concatenate([np.tile(state, (n, 1)), np.eye(n, dtype=np.float32)], axis=1)
-        else:
-            padded = np.zeros(self.observation_space["obs"].shape, np.float32)
-            for i, agent in enumerate(self.agents):
-                padded[i, : self.obs_dims[i]] = obs[agent]
-        return {"obs": padded, "state": state, "active": np.ones(n, np.float32)}
+            return {"obs": np.concatenate([np.tile(state, (n, 1)), np.eye(n, dtype=np.float32)], 1), "state": state}
+        padded = np.zeros(self.observation_space["obs"].shape, np.float32)
+        for i, agent in enumerate(self.agents):
+            padded[i, : self.obs_dims[i]] = obs[agent]
+        return {"obs": padded, "state": state}
 
     def reset(self, seed: Optional[int] = None, options: Optional[dict] = None):
         obs, _ = self.env.reset(seed=seed, options=options)
@@ -274,8 +228,10 @@ class MultiAgentArrays(gym.Env):
 
     def step(self, action: np.ndarray):
         # the Gaussian sample is clipped to the action bounds here only, not in its stored log-prob
-        action = np.clip(action, self.act_low, self.act_high)
-        actions = {a: action[i, : self.act_dims[i]] for i, a in enumerate(self.agents)}
+        actions = {
+            a: np.clip(action[i, : self.act_dims[i]], s.low, s.high)
+            for i, (a, s) in enumerate(zip(self.agents, self.act_spaces, strict=True))
+        }
         obs, rewards, terminations, truncations, _ = self.env.step(actions)
         first = self.agents[0]
         return self._arrays(obs), float(rewards[first]), bool(terminations[first]), bool(truncations[first]), {}
@@ -283,23 +239,13 @@ class MultiAgentArrays(gym.Env):
     def render(self):
         return self.env.render()
 
-    def close(self):
-        self.env.close()
 
-
-def make_env(
-    env_id: str,
-    agent_conf: str,
-    agent_obsk: int,
-    global_obs: bool,
-    max_episode_steps: int,
-    render_mode: Optional[str] = None,
-):
+def make_env(args: Args, render_mode: Optional[str] = None):
     def thunk():
         if multiprocessing.parent_process() is not None:  # an async worker: interrupts are the learner's to handle
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return MultiAgentArrays(env_id, agent_conf, agent_obsk, global_obs, max_episode_steps, render_mode)
+        return MultiAgentArrays(args, render_mode)
 
     return thunk
 
@@ -310,13 +256,13 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
-def mlp(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
-    """LayerNorm on the input, then Linear-ReLU-LayerNorm blocks (HARL's MLP base)."""
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
+    """LayerNorm on the input, Linear-ReLU-LayerNorm blocks (HARL's MLP base), then a linear output layer."""
     layers = [nn.LayerNorm(in_dim)]
     for size in hidden_sizes:
         layers += [layer_init(nn.Linear(in_dim, size)), nn.ReLU(), nn.LayerNorm(size)]
         in_dim = size
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, layer_init(nn.Linear(in_dim, out_dim), std=out_std))
 
 
 class Actor(nn.Module):
@@ -325,161 +271,69 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], std_param: str):
         super().__init__()
         self.obs_dim, self.act_dim, self.std_type = obs_dim, act_dim, std_param
-        self.net = mlp(obs_dim, hidden_sizes)
-        self.head = layer_init(nn.Linear(hidden_sizes[-1], act_dim), std=0.01)
+        self.net = mlp(obs_dim, hidden_sizes, act_dim, out_std=0.01)
         # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
         self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
-    def distribution(self, obs: torch.Tensor) -> Normal:
-        """The action distribution given padded observations (..., max_obs_dim)."""
-        out = self.head(self.net(obs[..., : self.obs_dim]))
-        return Normal(out, self.std().expand_as(out))
-
-    def std(self) -> torch.Tensor:
-        """The state-independent standard deviation, one per action dimension."""
-        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-
-    def log_prob_entropy(self, dist: Normal, action: torch.Tensor):
-        """Log-probability of padded actions and the entropy, both summed over the agent's action dimensions."""
-        return dist.log_prob(action[..., : self.act_dim]).sum(-1), dist.entropy().sum(-1)
+    def distribution(self, obs: Tensor) -> Independent:
+        """The action distribution given padded observations (..., max_obs_dim), over all action dimensions."""
+        out = self.net(obs[..., : self.obs_dim])
+        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
+        return Independent(Normal(out, std.expand_as(out)), 1)
 
 
-class BatchedActors:
-    """Every agent's actor as one network for acting: each layer's weights stacked along a leading agent dimension
-    and applied by one batched matmul, instead of a Python loop over agents (same distributions, fewer calls).
-
-    Agents of different sizes are zero-padded: the input LayerNorm runs over each agent's own observation entries,
-    and the padded action entries are left out of the log-probability. The Actor modules stay the source of truth;
-    `load` copies their weights in after every update.
-    """
-
-    def __init__(self, actors: nn.ModuleList):
-        device = actors[0].head.weight.device
-        obs_dims = torch.tensor([a.obs_dim for a in actors], device=device).view(-1, 1, 1)
-        act_dims = torch.tensor([a.act_dim for a in actors], device=device).view(-1, 1, 1)
-        self.shapes = (int(obs_dims.max()), int(act_dims.max()))  # (max_obs_dim, max_act_dim)
-        self.obs_dims = obs_dims.float()  # (N, 1, 1)
-        self.obs_mask = torch.arange(self.shapes[0], device=device) < obs_dims  # (N, 1, max_obs_dim)
-        self.act_mask = torch.arange(self.shapes[1], device=device) < act_dims  # (N, 1, max_act_dim)
-        self.load(actors)
-
-    @torch.no_grad()
-    def load(self, actors: nn.ModuleList) -> None:
-        def stack(tensors: list, shape: tuple) -> torch.Tensor:  # zero-padded to shape, stacked over agents
-            padded = tensors[0].new_zeros((len(tensors),) + shape)
-            for i, t in enumerate(tensors):
-                padded[(i,) + tuple(slice(0, n) for n in t.shape)] = t
-            return padded
-
-        max_obs_dim, max_act_dim = self.shapes
-        layers = [list(actor.net) for actor in actors]  # LayerNorm, then (Linear, ReLU, LayerNorm) per hidden layer
-        self.norm_in = [
-            stack([layer[0].weight for layer in layers], (max_obs_dim,)).unsqueeze(1),
-            stack([layer[0].bias for layer in layers], (max_obs_dim,)).unsqueeze(1),
-        ]
-        self.hidden = []
-        for j in range(1, len(layers[0]), 3):
-            linear, norm = [layer[j] for layer in layers], [layer[j + 2] for layer in layers]
-            out_dim, in_dim = linear[-1].weight.shape[0], max_obs_dim if j == 1 else linear[-1].weight.shape[1]
-            self.hidden.append(
-                [
-                    stack([m.weight for m in linear], (out_dim, in_dim)).transpose(1, 2),
-                    stack([m.bias for m in linear], (out_dim,)).unsqueeze(1),
-                    stack([m.weight for m in norm], (out_dim,)).unsqueeze(1),
-                    stack([m.bias for m in norm], (out_dim,)).unsqueeze(1),
-                ]
-            )
-        hidden_dim = actors[0].head.weight.shape[1]
-        self.head = [
-            stack([a.head.weight for a in actors], (max_act_dim, hidden_dim)).transpose(1, 2),
-            stack([a.head.bias for a in actors], (max_act_dim,)).unsqueeze(1),
-        ]
-        stds = [a.std() for a in actors]
-        self.std = stack(stds, (max_act_dim,)).unsqueeze(1) + ~self.act_mask  # padding: std 1, masked anyway
-
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), log-probabilities (E, N)."""
-        x = obs.transpose(0, 1) * self.obs_mask  # (N, E, max_obs_dim)
-        mean = x.sum(-1, keepdim=True) / self.obs_dims
-        var = ((x - mean) * self.obs_mask).pow(2).sum(-1, keepdim=True) / self.obs_dims
-        x = (x - mean) / (var + 1e-5).sqrt() * self.norm_in[0] + self.norm_in[1]
-        for weight, bias, norm_weight, norm_bias in self.hidden:
-            x = torch.baddbmm(bias, x, weight).relu()
-            x = F.layer_norm(x, x.shape[-1:]) * norm_weight + norm_bias
-        out = torch.baddbmm(self.head[1], x, self.head[0])  # (N, E, max_act_dim)
-        action = out if deterministic else out + self.std * torch.randn_like(out)
-        action = action * self.act_mask
-        logprob = (Normal(out, self.std).log_prob(action) * self.act_mask).sum(-1)
-        return action.transpose(0, 1), logprob.transpose(0, 1)
-
-
-class Critic(nn.Module):
-    """Centralized value function V(s) on the global state."""
-
-    def __init__(self, state_dim: int, hidden_sizes: tuple[int, ...]):
-        super().__init__()
-        self.net = nn.Sequential(mlp(state_dim, hidden_sizes), layer_init(nn.Linear(hidden_sizes[-1], 1), std=1.0))
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.net(state).squeeze(-1)
+@torch.no_grad()
+def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), log-probabilities (E, N)."""
+    max_act_dim = max(actor.act_dim for actor in actors)
+    actions, logprobs = [], []
+    for i, actor in enumerate(actors):  # each agent acts on its own observation with its own actor
+        dist = actor.distribution(obs[:, i])
+        action = dist.mode if deterministic else dist.sample()
+        logprobs.append(dist.log_prob(action))
+        actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)))
+    return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL).
-
-    The critic predicts normalized values; `denormalize` maps them back to returns. Disabled, it is the identity.
-    """
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
     def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
         self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
-        self.register_buffer("running_mean", torch.zeros(()))
-        self.register_buffer("running_mean_sq", torch.zeros(()))
-        self.register_buffer("debiasing_term", torch.zeros(()))
+        self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
 
-    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
-        debias = self.debiasing_term.clamp(min=self.epsilon)
-        mean, mean_sq = self.running_mean / debias, self.running_mean_sq / debias
-        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        mean, mean_sq = self.stats[:2] / self.stats[2].clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2).sqrt()
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        if self.enabled:
-            self.running_mean.mul_(self.beta).add_(x.mean() * (1 - self.beta))
-            self.running_mean_sq.mul_(self.beta).add_((x**2).mean() * (1 - self.beta))
-            self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+    def update(self, x: Tensor) -> None:
+        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+            self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        mean, var = self.mean_var()
-        return (x - mean) / var.sqrt()
+    def normalize(self, x: Tensor) -> Tensor:
+        mean, std = self.mean_std()
+        return (x - mean) / std if self.enabled else x
 
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        mean, var = self.mean_var()
-        return x * var.sqrt() + mean
+    def denormalize(self, x: Tensor) -> Tensor:
+        mean, std = self.mean_std()
+        return x * std + mean if self.enabled else x
 
 
 def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    next_value: torch.Tensor,
-    terminations: torch.Tensor,
-    truncations: torch.Tensor,
-    final_values: torch.Tensor,
+    rewards: Tensor,
+    values: Tensor,
+    next_value: Tensor,
+    terminations: Tensor,
+    truncations: Tensor,
+    final_values: Tensor,
     gamma: float,
     gae_lambda: float,
-) -> torch.Tensor:
-    """GAE(gamma, lambda) over a rollout of shape (num_steps, num_envs) with exact episode ends.
-
-    delta_t = r_t + gamma * V_next_t - V(s_t), A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where
-    V_next_t is V(s_{t+1}) inside an episode, 0 after a termination, and V(final state) after a truncation (the
-    vector env has already reset, so s_{t+1} belongs to the next episode); next_value is V of the state after the
-    last step and final_values holds V(final state) where truncations is set.
-    """
+) -> Tensor:
+    """GAE(gamma, lambda) over (num_steps, num_envs), exact at episode ends: delta_t = r_t + gamma * V_next_t - V(s_t),
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is V(s_{t+1}) inside an episode, 0 after
+    a termination and V(final state) (final_values) after a truncation."""
     next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
     next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
     not_done = 1.0 - torch.maximum(terminations, truncations)
@@ -491,238 +345,107 @@ def compute_gae(
     return advantages
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def factor_used(factor: torch.Tensor, mode: str, factor_clip: float) -> torch.Tensor:
+def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
-    if mode == "clipped":
-        return factor.clamp(max=factor_clip)
-    if mode == "raw":
-        return factor
-    return torch.ones_like(factor)
+    return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
 
 
-def accumulate_factor(
-    factor: torch.Tensor, newlogprob: torch.Tensor, oldlogprob: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """M <- M * pi_new(a|o) / pi_old(a|o) on every sample (unclipped); masked samples keep their factor."""
-    return factor * torch.where(mask > 0, (newlogprob - oldlogprob).exp(), torch.ones_like(factor))
-
-
-def actor_loss(
-    newlogprob: torch.Tensor,
-    oldlogprob: torch.Tensor,
-    advantages: torch.Tensor,
-    factor: torch.Tensor,
-    mask: torch.Tensor,
-    clip_coef: float,
-) -> torch.Tensor:
-    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] over the samples where mask is 1."""
+def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, clip_coef: float) -> Tensor:
+    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
     ratio = (newlogprob - oldlogprob).exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return -masked_mean(factor * surrogate, mask)
+    return -(factor * surrogate).mean()
 
 
 def critic_loss(
-    newvalue: torch.Tensor,
-    oldvalue: torch.Tensor,
-    returns: torch.Tensor,
+    newvalue: Tensor,
+    oldvalue: Tensor,
+    returns: Tensor,
     clip_coef: float,
     clip_vloss: bool,
     huber_delta: Optional[float],
-) -> torch.Tensor:
+) -> Tensor:
     """Huber (or squared) error of the normalized value, the worse of clipped and unclipped when clip_vloss."""
-
-    def error(v: torch.Tensor) -> torch.Tensor:
-        if huber_delta is None:
-            return 0.5 * (v - returns) ** 2
-        return F.huber_loss(v, returns, reduction="none", delta=huber_delta)
-
-    if not clip_vloss:
-        return error(newvalue).mean()
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    return torch.max(error(newvalue), error(v_clipped)).mean()
+    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
+    if huber_delta is None:
+        errors = 0.5 * (predictions - returns) ** 2
+    else:
+        errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
+    return errors.max(0).values.mean()
 
 
-class NonFiniteError(RuntimeError):
-    """A non-finite loss, gradient or parameter, met before the update reached the parameters."""
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
+    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        return False
+    optimizer.step()
+    return True
 
 
-def check_finite(what: str, *tensors: torch.Tensor) -> None:
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise NonFiniteError(f"non-finite {what}")
-
-
-def training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer) -> dict:
-    """Everything an update changes, as state dicts of the live tensors (deepcopy it to keep a snapshot)."""
-    return {
-        "actors": actors.state_dict(),
-        "critic": critic.state_dict(),
-        "value_norm": value_norm.state_dict(),
-        "actor_optimizers": [optimizer.state_dict() for optimizer in actor_optimizers],
-        "critic_optimizer": critic_optimizer.state_dict(),
-    }
-
-
-def load_training_state(state: dict, actors, critic, value_norm, actor_optimizers, critic_optimizer) -> None:
-    actors.load_state_dict(state["actors"])
-    critic.load_state_dict(state["critic"])
-    value_norm.load_state_dict(state["value_norm"])
-    for optimizer, optimizer_state in zip(actor_optimizers, state["actor_optimizers"], strict=True):
-        optimizer.load_state_dict(optimizer_state)
-    critic_optimizer.load_state_dict(state["critic_optimizer"])
-
-
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Writes a temporary file, then renames it over path: a crash mid-write leaves the previous checkpoint whole."""
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
+    """Team returns of deterministic episodes on an environment of their own, seeded apart from training's."""
+    env = make_env(args, "rgb_array" if video_folder is not None else None)()
+    if video_folder is not None:
+        try:  # MuJoCo renders off-screen through EGL or OSMesa (MUJOCO_GL): without them, no video, no crash
+            env.reset(seed=args.seed)
+            env.render()
+            env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
+        except Exception as error:
+            print(
+                f"warning: no video, MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error}): "
+                "install EGL (apt install libegl1) or OSMesa (apt install libosmesa6, MUJOCO_GL=osmesa)",
+                file=sys.stderr,
+            )
+            env = make_env(args)()
+    returns = []
+    for episode in range(args.eval_episodes):
+        next_obs, _ = env.reset(seed=args.seed + 10_000 + episode)
+        done, episodic_return = False, 0.0
+        while not done:
+            action, _ = act(actors, torch.as_tensor(next_obs["obs"], device=device).unsqueeze(0), deterministic=True)
+            next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
+            episodic_return, done = episodic_return + reward, terminated or truncated
+        returns.append(episodic_return)
+    env.close()
+    return returns
 
 
 # flags a resumed run may change; every other one must match the checkpoint's
-RESUME_MAY_CHANGE = {
-    "total_timesteps",
-    "num_iterations",
-    "resume",
-    "checkpoint_every",
-    "max_bad_updates",
-    "cuda",
-    "torch_threads",
-}
-RESUME_MAY_CHANGE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_episodes"}
+RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
+RESUME_MAY_CHANGE = (RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model").split()
 
 
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        trained_with = checkpoint["args"]
     except Exception as error:
-        sys.exit(f"{os.path.basename(__file__)}: error: cannot read the checkpoint {args.resume}: {error!r:.200}")
-    for name, value in vars(args).items():
-        if name not in RESUME_MAY_CHANGE and name in trained_with and trained_with[name] != value:
-            flag = f"--{name.replace('_', '-')}"
-            sys.exit(
-                f"{os.path.basename(__file__)}: error: {args.resume} was trained with {flag} {trained_with[name]}, "
-                f"not {value}: resume with the run's own flags"
-            )
+        fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v]
+    for name, value in flags[:1]:
+        fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
     return checkpoint
-
-
-def stop_on_signals() -> list:
-    """SIGINT and SIGTERM append to the returned list, which the loop reads between iterations; a second Ctrl-C
-    stops at once."""
-    received = []
-
-    def handler(signum: int, frame) -> None:
-        received.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again to stop now)",
-            file=sys.stderr,
-        )
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return received
-
-
-def make_checkpoint(state: dict, global_step: int, iteration: int, run_name: str, args: Args) -> dict:
-    """A training state with what resuming needs besides: random streams, progress, the run and its flags."""
-    progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-    return {**state, "rng": rng_states(), **progress}
-
-
-def build_actors(env: MultiAgentArrays, args: Args) -> nn.ModuleList:
-    return nn.ModuleList(
-        Actor(obs_dim, act_dim, args.hidden_sizes, args.std_param)
-        for obs_dim, act_dim in zip(env.obs_dims, env.act_dims, strict=True)
-    )
-
-
-def evaluate(model_path: str, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
-    """Runs deterministic episodes with the actors saved in model_path; returns the team returns."""
-    env_args = (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
-    env = make_env(*env_args, "rgb_array" if video_folder is not None else None)()
-    if video_folder is not None:
-        try:  # MuJoCo renders off-screen through EGL or OSMesa (MUJOCO_GL): without them, no video, no crash
-            env.reset(seed=args.seed)
-            env.render()
-        except Exception as error:
-            print(
-                f"warning: MuJoCo cannot render off-screen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({error}); "
-                "install EGL (apt install libegl1) or OSMesa (apt install libosmesa6, MUJOCO_GL=osmesa); "
-                "evaluating without video",
-                file=sys.stderr,
-            )
-            env.close()
-            env, video_folder = make_env(*env_args)(), None
-    if video_folder is not None:
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
-    actors = build_actors(env.unwrapped, args).to(device)
-    actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])
-    policy = BatchedActors(actors)
-    returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = env.reset(seed=args.seed + 10_000 + episode)
-        done, episodic_return = False, 0.0
-        while not done:
-            action, _ = policy.act(torch.as_tensor(obs["obs"], device=device).unsqueeze(0), deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
-            episodic_return += reward
-            done = terminated or truncated
-        returns.append(episodic_return)
-    env.close()
-    return returns
 
 
 if __name__ == "__main__":
     args = parse_args()
     if (problem := check_args(args)) is not None:
-        sys.exit(f"{os.path.basename(__file__)}: error: {problem}")
+        fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
-    try:  # one environment first: gymnasium-robotics itself fails on some tasks (CoupledHalfCheetah with mujoco 4)
-        spec_env = MultiAgentArrays(
-            args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps
-        )
-    except Exception as error:
-        sys.exit(
-            f"{os.path.basename(__file__)}: error: gymnasium-robotics cannot build {args.env_id} {args.agent_conf} "
-            f"({type(error).__name__}: {error}); try another task or partition"
-        )
     run_name = f"{args.env_id}_{args.agent_conf}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if checkpoint is not None:  # a resumed run appends to its own TensorBoard run
-        run_name = checkpoint["run_name"]
-    if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders off-screen
-        if importlib.util.find_spec("moviepy") is None:
-            sys.exit(f"{os.path.basename(__file__)}: error: --capture-video needs moviepy: pip install moviepy")
+    run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
+    for flag, package in (("capture_video", "moviepy"), ("track", "wandb")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            fail(f"--{flag.replace('_', '-')} needs {package}: pip install {package}")
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            sys.exit(f"{os.path.basename(__file__)}: error: --track needs wandb: pip install wandb")
+        import wandb
 
         wandb.init(
             project=args.wandb_project_name,
@@ -730,80 +453,91 @@ if __name__ == "__main__":
             sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            monitor_gym=True,
-            save_code=True,
         )
     # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
     writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
 
     # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
+    os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders off-screen for --capture-video
 
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.set_num_threads(args.torch_threads)
 
-    # env setup
-    env_fns = [
-        make_env(args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
-        for _ in range(args.num_envs)
-    ]
+    # env setup: SAME_STEP autoreset puts a truncated episode's final state, which the critic bootstraps, in infos
+    try:  # one environment first: gymnasium-robotics itself fails on some tasks (CoupledHalfCheetah with mujoco 4)
+        make_env(args)().close()
+    except Exception as error:
+        fail(f"gymnasium-robotics cannot build {args.env_id} {args.agent_conf} ({type(error).__name__}: {error})")
+    env_fns = [make_env(args)] * args.num_envs
     vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
-    # SAME_STEP autoreset: a finished env returns its reset observation and puts the true final one in
-    # infos["final_obs"], whose state the critic needs to bootstrap a truncated episode
     envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs_dims, act_dims = envs.get_attr("obs_dims")[0], envs.get_attr("act_dims")[0]  # each agent's own sizes
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    num_agents = len(spec_env.agents)
+    num_agents = len(obs_dims)
     obs_shape = envs.single_observation_space["obs"].shape  # (num_agents, max_obs_dim)
     state_dim = envs.single_observation_space["state"].shape[0]
-    max_act_dim = envs.single_action_space.shape[-1]
+    action_shape = envs.single_action_space.shape  # (num_agents, max_act_dim)
 
-    actors = build_actors(spec_env, args).to(device)
-    policy = BatchedActors(actors)  # all actors in one batched network for the rollout, reloaded after each update
-    critic = Critic(state_dim, args.hidden_sizes).to(device)
+    actors = nn.ModuleList(
+        Actor(obs_dim, act_dim, args.hidden_sizes, args.std_param)
+        for obs_dim, act_dim in zip(obs_dims, act_dims, strict=True)
+    ).to(device)
+    critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
-    actor_optimizers = [
-        torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for actor in actors
-    ]
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
-    spec_env.close()
+    actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
     states = torch.zeros((args.num_steps, args.num_envs, state_dim), device=device)  # (T, E, state_dim)
     final_states = torch.zeros_like(states)  # true final state where an episode was truncated at step t
-    action_shape = (num_agents, max_act_dim)
     actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)  # (T, E, N, max_act_dim)
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
-    active_masks = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): the team reward
     terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
     truncations = torch.zeros((args.num_steps, args.num_envs), device=device)
 
-    # TRY NOT TO MODIFY: start the game
-    global_step, start_iteration, last_iteration = 0, 1, 0
-    if checkpoint is not None:  # continue: weights, optimizers, value statistics, random streams and step count
-        load_training_state(checkpoint, actors, critic, value_norm, actor_optimizers, critic_optimizer)
-        policy.load(actors)
-        set_rng_states(checkpoint["rng"])
+    # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
+    stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
+    stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
+    checkpoint_path, global_step, last_iteration = f"runs/{run_name}/checkpoint.pt", 0, 0
+    if checkpoint is not None:
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        np.random.set_state(checkpoint["rng"][0])
+        torch.set_rng_state(checkpoint["rng"][1])
+        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
         global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
-        start_iteration = last_iteration + 1
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time, start_step = time.time(), global_step
-    recent_returns, mean_return = [], float("nan")  # the episodes finished since the last progress line
-    interrupted, bad_updates = stop_on_signals(), 0  # signals received; iterations in a row with a skipped update
-    progress = tqdm(
-        initial=global_step, total=args.num_iterations * args.batch_size, unit="step", disable=not sys.stderr.isatty()
-    )
+
+    def write_checkpoint() -> None:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
+        rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+        state = {name: module.state_dict() for name, module in stateful.items()}
+        progress = {"global_step": global_step, "iteration": last_iteration, "run_name": run_name, "args": vars(args)}
+        torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
+        os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+
+    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    # TRY NOT TO MODIFY: start the game
+    start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
+    recent_returns, mean_return, bad_updates = [], float("nan"), 0
+    progress = tqdm(initial=global_step, total=args.num_iterations * args.batch_size, disable=not sys.stderr.isatty())
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
@@ -811,206 +545,137 @@ if __name__ == "__main__":
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_obs_np, _ = envs.reset(seed=args.seed + iteration - 1)
-            next_obs = torch.as_tensor(next_obs_np["obs"], device=device)
-            next_state = torch.as_tensor(next_obs_np["state"], device=device)
-            next_active = torch.as_tensor(next_obs_np["active"], device=device)
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            for optimizer in actor_optimizers:
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-            critic_optimizer.param_groups[0]["lr"] = frac * args.critic_learning_rate
+            next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
 
         rollout_start = time.time()
         for step in range(args.num_steps):
             global_step += args.num_envs
-            obs[step], states[step], active_masks[step] = next_obs, next_state, next_active
+            obs[step], states[step] = next_obs, next_state
 
-            # ALGO LOGIC: each agent acts on its own observation with its own actor (all agents in one batched call)
-            actions[step], logprobs[step] = policy.act(next_obs)
+            # ALGO LOGIC: each agent acts on its own observation with its own actor
+            actions[step], logprobs[step] = act(actors, next_obs)
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminated, truncated, infos = envs.step(actions[step].cpu().numpy())
             rewards[step] = torch.as_tensor(reward, device=device)
             terminations[step] = torch.as_tensor(terminated, device=device)
             truncations[step] = torch.as_tensor(truncated, device=device)
-            next_obs = torch.as_tensor(next_obs_np["obs"], device=device)
-            next_state = torch.as_tensor(next_obs_np["state"], device=device)
-            next_active = torch.as_tensor(next_obs_np["active"], device=device)
+            next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
             for env_idx in np.flatnonzero(truncated):
                 final_states[step, env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=device)
-            if "episode" in infos:
-                for env_idx in np.flatnonzero(infos["_episode"]):
-                    episodic_return = float(infos["episode"]["r"][env_idx])
-                    recent_returns.append(episodic_return)
-                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                    writer.add_scalar("charts/episodic_length", infos["episode"]["l"][env_idx], global_step)
+            for env_idx in np.flatnonzero(infos.get("_episode", [])):
+                recent_returns.append(float(infos["episode"]["r"][env_idx]))
+                writer.add_scalar("charts/episodic_return", recent_returns[-1], global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][env_idx], global_step)
 
+        # bootstrap value if not done
         update_start = time.time()
-        snapshot = copy.deepcopy(training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer))
-        try:  # a non-finite loss, gradient or parameter undoes the iteration's whole update (see except)
-            # bootstrap value if not done
-            with torch.no_grad():
-                values = value_norm.denormalize(critic(states))  # (T, E)
-                next_value = value_norm.denormalize(critic(next_state))
-                final_values = value_norm.denormalize(critic(final_states))
-                advantages = compute_gae(
-                    rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
-                )
-                returns = advantages + values
-                value_norm.update(returns)
+        with torch.no_grad():
+            values = value_norm.denormalize(critic(states).squeeze(-1))  # (T, E)
+            next_value = value_norm.denormalize(critic(next_state).squeeze(-1))
+            final_values = value_norm.denormalize(critic(final_states).squeeze(-1))
+            advantages = compute_gae(
+                rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
+            )
+            returns = advantages + values
+            value_norm.update(returns)
 
-            # flatten the batch
-            b_obs = obs.reshape((-1,) + obs_shape)
-            b_states = states.reshape(-1, state_dim)
-            b_actions = actions.reshape((-1,) + action_shape)
-            b_logprobs = logprobs.reshape(-1, num_agents)
-            b_active = active_masks.reshape(-1, num_agents)
-            b_advantages = advantages.reshape(-1)
-            b_returns = value_norm.normalize(returns.reshape(-1))
-            b_values = value_norm.normalize(values.reshape(-1))
-            if args.norm_adv:
-                b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+        b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
+        b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
+        b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
-            # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
-            # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
-            order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
-            factor = torch.ones(args.batch_size, device=device)
-            b_inds = np.arange(args.batch_size)
-            pg_losses, entropies, approx_kls, clipfracs = [], [], [], []
-            for k, agent in enumerate(order):
-                m_used = factor_used(factor, args.factor, args.factor_clip)
-                writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
-                writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-                writer.add_scalar(
-                    f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean().item(), global_step
-                )
-                writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
+        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
+        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
+        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+        factor = torch.ones(args.batch_size, device=device)
+        b_inds = np.arange(args.batch_size)
+        logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
+        for k, agent in enumerate(order):
+            m_used = factor_used(factor, args.factor, args.factor_clip)
+            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
+            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
+            writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
+            writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
 
-                actor, optimizer = actors[agent], actor_optimizers[agent]
-                for epoch in range(args.update_epochs):
-                    np.random.shuffle(b_inds)
-                    for start in range(0, args.batch_size, args.minibatch_size):
-                        mb_inds = b_inds[start : start + args.minibatch_size]
-                        dist = actor.distribution(b_obs[mb_inds, agent])
-                        newlogprob, entropy = actor.log_prob_entropy(dist, b_actions[mb_inds, agent])
-                        mb_mask = b_active[mb_inds, agent]
-                        pg_loss = actor_loss(
-                            newlogprob,
-                            b_logprobs[mb_inds, agent],
-                            b_advantages[mb_inds],
-                            m_used[mb_inds],
-                            mb_mask,
-                            args.clip_coef,
-                        )
-                        entropy_loss = masked_mean(entropy, mb_mask)
-                        loss = pg_loss - args.ent_coef * entropy_loss
-
-                        optimizer.zero_grad()
-                        loss.backward()
-                        grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-                        check_finite(f"loss or gradient of agent {agent}", loss, grad_norm)
-                        optimizer.step()
-                        pg_losses.append(pg_loss.item())
-                        entropies.append(entropy_loss.item())
-
-                with torch.no_grad():
-                    newlogprob, _ = actor.log_prob_entropy(actor.distribution(b_obs[:, agent]), b_actions[:, agent])
-                    logratio = newlogprob - b_logprobs[:, agent]
-                    ratio = logratio.exp()
-                    approx_kls.append(((ratio - 1) - logratio).mean().item())
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                    # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                    factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
-
-            # ALGO LOGIC: critic update on the normalized returns
-            v_losses = []
-            for epoch in range(args.critic_epochs):
+            actor, optimizer = actors[agent], actor_optimizers[agent]
+            a_obs, a_logprobs = b_obs[:, agent], b_logprobs[:, agent]
+            a_actions = b_actions[:, agent, : actor.act_dim]
+            for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
-                    newvalue = critic(b_states[mb_inds])
-                    v_loss = critic_loss(
-                        newvalue,
-                        b_values[mb_inds],
-                        b_returns[mb_inds],
-                        args.clip_coef,
-                        args.clip_vloss,
-                        args.huber_delta,
-                    )
-                    critic_optimizer.zero_grad()
-                    v_loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                    check_finite("critic loss or gradient", v_loss, grad_norm)
-                    critic_optimizer.step()
-                    v_losses.append(v_loss.item())
-            check_finite("parameter", *actors.parameters(), *critic.parameters())
-        except NonFiniteError as error:
-            load_training_state(snapshot, actors, critic, value_norm, actor_optimizers, critic_optimizer)
-            bad_updates += 1
-            writer.add_scalar("charts/skipped_update", 1, global_step)
-            print(f"warning: iteration {iteration}: {error}; update skipped, parameters unchanged", file=sys.stderr)
-            if bad_updates >= args.max_bad_updates:
-                progress.close()
-                writer.close()
-                kept = checkpoint_path if os.path.exists(checkpoint_path) else "none (see --checkpoint-every)"
-                sys.exit(
-                    f"{os.path.basename(__file__)}: error: {bad_updates} updates in a row met non-finite values; "
-                    f"stopped. Last good checkpoint: {kept}"
+                    dist = actor.distribution(a_obs[mb_inds])
+                    newlogprob, entropy_loss = dist.log_prob(a_actions[mb_inds]), dist.entropy().mean()
+                    mb_adv, mb_factor = b_advantages[mb_inds], m_used[mb_inds]
+                    pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, args.clip_coef)
+                    loss = pg_loss - args.ent_coef * entropy_loss
+                    skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
+                    logs["policy_loss"].append(pg_loss.item())
+                    logs["entropy"].append(entropy_loss.item())
+
+            with torch.no_grad():
+                newlogprob = actor.distribution(a_obs).log_prob(a_actions)
+                logratio = newlogprob - a_logprobs
+                ratio = logratio.exp()
+                logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
+                logs["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
+                factor = factor * ratio
+
+        # ALGO LOGIC: critic update on the normalized returns
+        for epoch in range(args.critic_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb_inds = b_inds[start : start + args.minibatch_size]
+                newvalue = critic(b_states[mb_inds]).squeeze(-1)
+                v_loss = critic_loss(
+                    newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
                 )
-            continue
-        bad_updates = 0
-        policy.load(actors)
+                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                logs["value_loss"].append(v_loss.item())
+
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; too many such iterations in a row stop
+        bad_updates = bad_updates + 1 if skipped else 0
+        if skipped:
+            writer.add_scalar("charts/skipped_steps", skipped, global_step)
+            print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
+        if bad_updates >= args.max_bad_updates:
+            fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
         writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
         sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/learning_rate", actor_optimizers[0].param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
-        writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
-        writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
-        writer.add_scalar("losses/approx_kl", np.mean(approx_kls), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        for name, values in logs.items():  # means over agents, epochs and minibatches
+            writer.add_scalar(f"losses/{name}", np.mean(values) if values else 0.0, global_step)
         if recent_returns:
             mean_return, recent_returns = np.mean(recent_returns), []
+        if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
+            writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
         progress.update(args.batch_size)
-        progress.set_postfix(episodic_return=f"{mean_return:.2f}", SPS=sps)
         progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
         sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            state = training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer)
-            save_checkpoint(checkpoint_path, make_checkpoint(state, global_step, iteration, run_name, args))
+            write_checkpoint()
 
     progress.close()
     envs.close()
-    if interrupted:  # SIGINT or SIGTERM: keep what was learned, say how to go on, exit 130 or 143
-        state = training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer)
-        save_checkpoint(checkpoint_path, make_checkpoint(state, global_step, last_iteration, run_name, args))
+    if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+        write_checkpoint()
         writer.close()
-        print(f"interrupted at global_step={global_step}; checkpoint written to {checkpoint_path}")
         command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
-        print(f"resume with: python {command} --resume {checkpoint_path}")
+        print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
-    if args.save_model or args.capture_video:
+    if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save(
-            {
-                "actors": actors.state_dict(),
-                "critic": critic.state_dict(),
-                "value_norm": value_norm.state_dict(),
-                "args": vars(args),
-            },
-            model_path,
-        )
-        if args.save_model:
-            print(f"model saved to {model_path}")
-        episodic_returns = evaluate(model_path, args, device, f"videos/{run_name}" if args.capture_video else None)
-        for idx, episodic_return in enumerate(episodic_returns):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        print(f"model saved to {model_path}")
+        actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
+    if args.eval_every or args.save_model or args.capture_video:
+        episodic_returns = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
+        writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
         print(f"eval: mean episodic_return={np.mean(episodic_returns):.2f} over {len(episodic_returns)} episodes")
-        if not args.save_model:
-            os.remove(model_path)
 
     writer.close()
