@@ -1,10 +1,9 @@
 # lv_happo_smac.py: LV-HAPPO on SMAC, with SMAX (JaxMARL) or StarCraft II (smac). Docs: README.md, "lv_happo_smac.py".
 import contextlib
-import copy
 import importlib.util
 import io
+import math
 import os
-import random
 import re
 import signal
 import sys
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch import Tensor
 from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -35,8 +35,6 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
     """if toggled, train on the GPU (SMAX steps there too when jax has a GPU backend); CPU with a warning if none"""
     track: bool = False
@@ -50,12 +48,11 @@ class Args:
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
     checkpoint_every: int = 0
-    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt);
-    each one starts new episodes, so that a run resumed from it continues exactly"""
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
     """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
     max_bad_updates: int = 3
-    """stop after this many iterations in a row whose update met a non-finite loss, gradient or parameter"""
+    """stop after this many iterations in a row that skipped a gradient step for a non-finite loss or gradient"""
 
     # Algorithm specific arguments
     env_id: str = "3m"
@@ -69,12 +66,9 @@ class Args:
     (each agent uses its own advantage); `EP` the global state, one value per environment"""
     total_timesteps: int = 2_000_000
     """total joint environment steps of the experiment"""
+    """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
-    """the learning rate of the actors' optimizers"""
-    critic_learning_rate: float = 5e-4
-    """the learning rate of the critic's optimizer"""
-    anneal_lr: bool = False
-    """if toggled, anneal both learning rates linearly to zero"""
+    """the learning rate of the actors' and the critic's optimizers"""
     num_envs: int = 32
     """the number of parallel environments (SMAX: vmapped in one call; sc2: one StarCraft II process each)"""
     torch_threads: int = 1
@@ -91,8 +85,6 @@ class Args:
     """the number of epochs of each actor's update"""
     critic_epochs: int = 5
     """the number of epochs of the critic's update"""
-    norm_adv: bool = True
-    """if toggled, normalize the advantages over the batch (the alive agents' samples)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
     clip_vloss: bool = True
@@ -102,20 +94,21 @@ class Args:
     norm_value: bool = True
     """if toggled, normalize the value targets with running statistics"""
     ent_coef: float = 0.01
-    """coefficient of the entropy bonus"""
+    """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
     max_grad_norm: float = 10.0
     """the maximum norm for the gradient clipping"""
     hidden_sizes: tuple[int, ...] = (64, 64, 64)
     """the hidden layer sizes of the actors and the critic"""
     factor: Literal["clipped", "raw", "none"] = "clipped"
-    """the factor M that weights a later agent's advantage: `clipped` min(M, c) is LV-HAPPO, `raw` is plain
-    HAPPO, `none` (M = 1) is the MAPPO-style update"""
+    """the factor M of a later agent's advantage: `clipped` min(M, c) LV-HAPPO, `raw` HAPPO, `none` (M = 1) MAPPO"""
     factor_clip: float = 1.0
     """the upper bound c of the clipped factor"""
     fixed_order: bool = False
     """if toggled, update the agents in their fixed order instead of a random permutation per iteration"""
+    eval_every: int = 0
+    """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
     eval_episodes: int = 32
-    """the number of deterministic evaluation episodes at the end (with --save-model or --capture-video)"""
+    """the number of deterministic evaluation episodes (with --eval-every, --save-model or --capture-video)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -124,6 +117,11 @@ class Args:
     """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
+
+
+def fail(message: str) -> None:
+    """Ends the run with one line on stderr that says what to do, and exit status 1."""
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
@@ -135,11 +133,50 @@ def parse_args(argv: Optional[list] = None) -> Args:
     except SystemExit as exit_:
         if not exit_.code:
             raise
-        # the box's body up to its first rule: the message, without the help text tyro appends
-        report = captured.getvalue().splitlines()[1:]
+        report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
         report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
         message = " ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split())
-        sys.exit(f"{os.path.basename(__file__)}: error: {message} (see --help)")
+        fail(f"{message} (see --help)")
+
+
+# numeric flags that must be above zero; every numeric flag must be finite and not negative
+POSITIVE = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
+POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in POSITIVE else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in POSITIVE else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (
+            args.max_steps is not None and args.backend == "sc2",
+            "--max-steps is for --backend smax (SMAC maps set their own)",
+        ),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
+    ]
+    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
+        return problem
+    # the backend's package and map list last: importing jaxmarl takes seconds
+    if args.backend == "smax":
+        if importlib.util.find_spec("jaxmarl") is None:
+            return "the smax backend needs jaxmarl: pip install -r requirements.txt (or pip install jaxmarl)"
+        if args.env_id not in (maps := smax_maps()):
+            return f"unknown SMAX map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
+    else:
+        if importlib.util.find_spec("smac") is None:
+            return SC2_INSTALL
+        from smac.env.starcraft2.maps import smac_maps
+
+        if args.env_id not in (maps := smac_maps.get_smac_map_registry()):
+            return f"unknown SMAC map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
 
 
 def jax_settings(cuda: bool) -> None:
@@ -171,48 +208,6 @@ def smax_maps() -> list:
     with quiet_stdout():
         from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
     return list(MAP_NAME_TO_SCENARIO)
-
-
-def check_args(args: Args) -> Optional[str]:
-    """Returns what is wrong with the flags, as one line that says what to do, or None."""
-    if args.max_steps is not None and (args.backend == "sc2" or args.max_steps < 1):
-        return "--max-steps takes a positive number of steps, with --backend smax only (SMAC maps set their own)"
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "eval_episodes"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-    for name in ("learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm", "factor_clip"):
-        if not getattr(args, name) > 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.torch_threads < 1:
-        return f"--torch-threads must be at least 1, got {args.torch_threads}"
-    if args.checkpoint_every < 0 or args.max_bad_updates < 1:
-        return "--checkpoint-every must not be negative and --max-bad-updates must be at least 1"
-    if args.resume is not None and not os.path.isfile(args.resume):
-        return f"--resume {args.resume}: no such file (checkpoints are written to runs/<run>/checkpoint.pt)"
-    if args.update_epochs < 0 or args.critic_epochs < 0 or args.ent_coef < 0:
-        return "--update-epochs, --critic-epochs and --ent-coef must not be negative"
-    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        return "--gamma and --gae-lambda must lie in [0, 1]"
-    if args.huber_delta is not None and not args.huber_delta > 0:
-        return f"--huber-delta must be positive (or None for the squared error), got {args.huber_delta}"
-    if not args.hidden_sizes or min(args.hidden_sizes) < 1:
-        return "--hidden-sizes needs at least one positive layer size, e.g. --hidden-sizes 64 64 64"
-    if args.num_minibatches > args.num_envs * args.num_steps:
-        return f"--num-minibatches {args.num_minibatches} exceeds the batch of {args.num_envs * args.num_steps} samples"
-    # the backend's package and map list last: importing jaxmarl takes seconds
-    if args.backend == "smax":
-        if importlib.util.find_spec("jaxmarl") is None:
-            return "the smax backend needs jaxmarl: pip install -r requirements.txt (or pip install jaxmarl)"
-        if args.env_id not in (maps := smax_maps()):
-            return f"unknown SMAX map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-    else:
-        if importlib.util.find_spec("smac") is None:
-            return SC2_INSTALL
-        from smac.env.starcraft2.maps import smac_maps
-
-        if args.env_id not in (maps := smac_maps.get_smac_map_registry()):
-            return f"unknown SMAC map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-    return None
 
 
 # what both backends return: reset() the first four, step() all (and `restarted`)
@@ -297,7 +292,7 @@ class SMAXEnvs:
         self.key, self.states, arrays = self._reset(self.key)
         return self._to_torch(arrays, RESET_KEYS)
 
-    def step(self, actions: torch.Tensor) -> dict:
+    def step(self, actions: Tensor) -> dict:
         action = self.jnp.from_dlpack(actions.to(self.shared_device, torch.int32))
         self.key, self.states, arrays = self._step(self.key, self.states, action)
         return self._to_torch(arrays, STEP_KEYS) | {"restarted": self.restarted}
@@ -350,7 +345,7 @@ class SC2Envs:
         self.last = [self._observe(i) for i in range(len(self.games))]
         return self._batch(self.last, RESET_KEYS)
 
-    def step(self, actions: torch.Tensor) -> dict:
+    def step(self, actions: Tensor) -> dict:
         rows = []
         for i, action in enumerate(actions.cpu().numpy()):
             try:
@@ -386,18 +381,13 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
-def mlp(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
-    """LayerNorm on the input, then Linear-ReLU-LayerNorm blocks (HARL's MLP base)."""
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
+    """LayerNorm on the input, Linear-ReLU-LayerNorm blocks (HARL's MLP base), then a linear output layer."""
     layers = [nn.LayerNorm(in_dim)]
     for size in hidden_sizes:
         layers += [layer_init(nn.Linear(in_dim, size)), nn.ReLU(), nn.LayerNorm(size)]
         in_dim = size
-    return nn.Sequential(*layers)
-
-
-def masked_categorical(logits: torch.Tensor, avail: torch.Tensor) -> Categorical:
-    """The categorical over the available actions only: unavailable ones get probability zero."""
-    return Categorical(logits=logits.masked_fill(~avail, -torch.inf))
+    return nn.Sequential(*layers, layer_init(nn.Linear(in_dim, out_dim), std=out_std))
 
 
 class Actor(nn.Module):
@@ -405,42 +395,25 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...]):
         super().__init__()
-        self.net = mlp(obs_dim, hidden_sizes)
-        self.head = layer_init(nn.Linear(hidden_sizes[-1], num_actions), std=0.01)
+        self.net = mlp(obs_dim, hidden_sizes, num_actions, out_std=0.01)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """The logits of every action, before masking."""
-        return self.head(self.net(obs))
-
-    def distribution(self, obs: torch.Tensor, avail: torch.Tensor) -> Categorical:
-        return masked_categorical(self(obs), avail)
+    def distribution(self, obs: Tensor, avail: Tensor) -> Categorical:
+        """The categorical over the available actions only: unavailable ones get probability zero."""
+        return Categorical(logits=self.net(obs).masked_fill(~avail, -torch.inf))
 
 
-class BatchedActors:
-    """Every agent's actor as one network for acting: the parameters stacked along a leading agent dimension
-    (torch.func.stack_module_state) and one vmapped call, instead of a Python loop over agents. The Actor modules
-    stay the source of truth; `load` copies their weights in after every update."""
-
-    def __init__(self, actors: nn.ModuleList):
-        self.base = copy.deepcopy(actors[0]).to("meta")
-        self.forward = torch.func.vmap(lambda params, obs: torch.func.functional_call(self.base, params, (obs,)))
-        self.load(actors)
-
-    @torch.no_grad()
-    def load(self, actors: nn.ModuleList) -> None:
-        self.params = torch.func.stack_module_state(list(actors))[0]
-
-    @torch.no_grad()
-    def act(
-        self, obs: torch.Tensor, avail: torch.Tensor, deterministic: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs (E, N, obs_dim), avail (E, N, A) -> actions (E, N), log-probabilities (E, N)."""
-        dist = masked_categorical(self.forward(self.params, obs.transpose(0, 1)).transpose(0, 1), avail)
-        action = dist.probs.argmax(-1) if deterministic else dist.sample()
-        return action, dist.log_prob(action)
+@torch.no_grad()
+def act(actors: nn.ModuleList, obs: Tensor, avail: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """obs (E, N, obs_dim), avail (E, N, A) -> actions (E, N), log-probabilities (E, N)."""
+    actions, logprobs = [], []
+    for i, actor in enumerate(actors):  # each agent acts on its own observation, among its available actions
+        dist = actor.distribution(obs[:, i], avail[:, i])
+        actions.append(dist.mode if deterministic else dist.sample())
+        logprobs.append(dist.log_prob(actions[-1]))
+    return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
 
-def critic_inputs(state: torch.Tensor, obs: torch.Tensor, state_type: str) -> torch.Tensor:
+def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
     """The critic's input (..., C, D): EP is the global state (C = 1); FP joins the state with each agent's
     observation and one-hot id (C = N agents, one value each)."""
     if state_type == "EP":
@@ -450,112 +423,69 @@ def critic_inputs(state: torch.Tensor, obs: torch.Tensor, state_type: str) -> to
     return torch.cat([state.unsqueeze(-2).expand(obs.shape[:-1] + state.shape[-1:]), obs, ids], -1)
 
 
-class Critic(nn.Module):
-    """Centralized value function on the critic's input: V(s) (EP) or V(s, o_i, i) per agent (FP)."""
-
-    def __init__(self, state_dim: int, hidden_sizes: tuple[int, ...]):
-        super().__init__()
-        self.net = nn.Sequential(mlp(state_dim, hidden_sizes), layer_init(nn.Linear(hidden_sizes[-1], 1), std=1.0))
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.net(state).squeeze(-1)
-
-
 class ValueNorm(nn.Module):
-    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL).
-
-    The critic predicts normalized values; `denormalize` maps them back to returns. Disabled, it is the identity.
-    """
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
     def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
         self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
-        self.register_buffer("running_mean", torch.zeros(()))
-        self.register_buffer("running_mean_sq", torch.zeros(()))
-        self.register_buffer("debiasing_term", torch.zeros(()))
+        self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
 
-    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
-        debias = self.debiasing_term.clamp(min=self.epsilon)
-        mean, mean_sq = self.running_mean / debias, self.running_mean_sq / debias
-        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        mean, mean_sq = self.stats[:2] / self.stats[2].clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2).sqrt()
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        if self.enabled:
-            self.running_mean.mul_(self.beta).add_(x.mean() * (1 - self.beta))
-            self.running_mean_sq.mul_(self.beta).add_((x**2).mean() * (1 - self.beta))
-            self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+    def update(self, x: Tensor) -> None:
+        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+            self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        mean, var = self.mean_var()
-        return (x - mean) / var.sqrt()
+    def normalize(self, x: Tensor) -> Tensor:
+        mean, std = self.mean_std()
+        return (x - mean) / std if self.enabled else x
 
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        mean, var = self.mean_var()
-        return x * var.sqrt() + mean
+    def denormalize(self, x: Tensor) -> Tensor:
+        mean, std = self.mean_std()
+        return x * std + mean if self.enabled else x
 
 
 def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    next_value: torch.Tensor,
-    terminations: torch.Tensor,
-    truncations: torch.Tensor,
-    final_values: torch.Tensor,
+    rewards: Tensor,
+    values: Tensor,
+    next_value: Tensor,
+    terminations: Tensor,
+    truncations: Tensor,
+    final_values: Tensor,
     gamma: float,
     gae_lambda: float,
-) -> torch.Tensor:
-    """GAE(gamma, lambda) over a rollout of shape (num_steps, num_envs) with exact episode ends.
-
-    delta_t = r_t + gamma * V_next_t - V(s_t), A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where
-    V_next_t is V(s_{t+1}) inside an episode, 0 after a termination, and V(final state) after a truncation (the
-    vector env has already reset, so s_{t+1} belongs to the next episode); next_value is V of the state after the
-    last step and final_values holds V(final state) where truncations is set.
-    """
+) -> Tensor:
+    """GAE(gamma, lambda) over (num_steps, num_envs), exact at episode ends: delta_t = r_t + gamma * V_next_t - V(s_t),
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is V(s_{t+1}) inside an episode, 0 after
+    a termination and V(final state) (final_values) after a truncation."""
     next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
     next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
     not_done = 1.0 - torch.maximum(terminations, truncations)
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(rewards[0])
+    advantages = torch.zeros_like(values)
+    lastgaelam = torch.zeros_like(values[0])
     for t in reversed(range(rewards.shape[0])):
         delta = rewards[t] + gamma * next_values[t] - values[t]
         advantages[t] = lastgaelam = delta + gamma * gae_lambda * not_done[t] * lastgaelam
     return advantages
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def factor_used(factor: torch.Tensor, mode: str, factor_clip: float) -> torch.Tensor:
+def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
-    if mode == "clipped":
-        return factor.clamp(max=factor_clip)
-    if mode == "raw":
-        return factor
-    return torch.ones_like(factor)
-
-
-def accumulate_factor(
-    factor: torch.Tensor, newlogprob: torch.Tensor, oldlogprob: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """M <- M * pi_new(a|o) / pi_old(a|o) on every sample (unclipped); masked samples keep their factor."""
-    return factor * torch.where(mask > 0, (newlogprob - oldlogprob).exp(), torch.ones_like(factor))
+    return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
 
 
 def actor_loss(
-    newlogprob: torch.Tensor,
-    oldlogprob: torch.Tensor,
-    advantages: torch.Tensor,
-    factor: torch.Tensor,
-    mask: torch.Tensor,
-    clip_coef: float,
-) -> torch.Tensor:
+    newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, mask: Tensor, clip_coef: float
+) -> Tensor:
     """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] over the samples where mask is 1."""
     ratio = (newlogprob - oldlogprob).exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
@@ -563,26 +493,33 @@ def actor_loss(
 
 
 def critic_loss(
-    newvalue: torch.Tensor,
-    oldvalue: torch.Tensor,
-    returns: torch.Tensor,
+    newvalue: Tensor,
+    oldvalue: Tensor,
+    returns: Tensor,
     clip_coef: float,
     clip_vloss: bool,
     huber_delta: Optional[float],
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """Huber (or squared) error of the normalized value, the worse of clipped and unclipped when clip_vloss,
-    averaged where mask is 1 (FP: the living agents' values)."""
-
-    def error(v: torch.Tensor) -> torch.Tensor:
-        if huber_delta is None:
-            return 0.5 * (v - returns) ** 2
-        return F.huber_loss(v, returns, reduction="none", delta=huber_delta)
-
-    if not clip_vloss:
-        return masked_mean(error(newvalue), mask)
+) -> Tensor:
+    """Per sample, the Huber (or squared) error of the normalized value, the worse of clipped and unclipped when
+    clip_vloss."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    return masked_mean(torch.max(error(newvalue), error(v_clipped)), mask)
+    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
+    if huber_delta is None:
+        errors = 0.5 * (predictions - returns) ** 2
+    else:
+        errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
+    return errors.max(0).values
+
+
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
+    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        return False
+    optimizer.step()
+    return True
 
 
 def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay_dir: Optional[str] = None):
@@ -591,115 +528,7 @@ def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay
     return SC2Envs(args.env_id, num_envs, seed, device, replay_dir=replay_dir)
 
 
-class NonFiniteError(RuntimeError):
-    """A non-finite loss, gradient or parameter, met before the update reached the parameters."""
-
-
-def check_finite(what: str, *tensors: torch.Tensor) -> None:
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise NonFiniteError(f"non-finite {what}")
-
-
-def training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer) -> dict:
-    """Everything an update changes, as state dicts of the live tensors (deepcopy it to keep a snapshot)."""
-    return {
-        "actors": actors.state_dict(),
-        "critic": critic.state_dict(),
-        "value_norm": value_norm.state_dict(),
-        "actor_optimizers": [optimizer.state_dict() for optimizer in actor_optimizers],
-        "critic_optimizer": critic_optimizer.state_dict(),
-    }
-
-
-def load_training_state(state: dict, actors, critic, value_norm, actor_optimizers, critic_optimizer) -> None:
-    actors.load_state_dict(state["actors"])
-    critic.load_state_dict(state["critic"])
-    value_norm.load_state_dict(state["value_norm"])
-    for optimizer, optimizer_state in zip(actor_optimizers, state["actor_optimizers"], strict=True):
-        optimizer.load_state_dict(optimizer_state)
-    critic_optimizer.load_state_dict(state["critic_optimizer"])
-
-
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Writes a temporary file, then renames it over path: a crash mid-write leaves the previous checkpoint whole."""
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-# flags a resumed run may change; every other one must match the checkpoint's
-RESUME_MAY_CHANGE = {
-    "total_timesteps",
-    "num_iterations",
-    "resume",
-    "checkpoint_every",
-    "max_bad_updates",
-    "cuda",
-    "torch_threads",
-}
-RESUME_MAY_CHANGE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_episodes"}
-
-
-def load_checkpoint(args: Args) -> dict:
-    """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
-    try:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        trained_with = checkpoint["args"]
-    except Exception as error:
-        sys.exit(f"{os.path.basename(__file__)}: error: cannot read the checkpoint {args.resume}: {error!r:.200}")
-    for name, value in vars(args).items():
-        if name not in RESUME_MAY_CHANGE and name in trained_with and trained_with[name] != value:
-            flag = f"--{name.replace('_', '-')}"
-            sys.exit(
-                f"{os.path.basename(__file__)}: error: {args.resume} was trained with {flag} {trained_with[name]}, "
-                f"not {value}: resume with the run's own flags"
-            )
-    return checkpoint
-
-
-def stop_on_signals() -> list:
-    """SIGINT and SIGTERM append to the returned list, which the loop reads between iterations; a second Ctrl-C
-    stops at once."""
-    received = []
-
-    def handler(signum: int, frame) -> None:
-        received.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again to stop now)",
-            file=sys.stderr,
-        )
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return received
-
-
-def make_checkpoint(state: dict, global_step: int, iteration: int, run_name: str, args: Args) -> dict:
-    """A training state with what resuming needs besides: random streams, progress, the run and its flags."""
-    progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-    return {**state, "rng": rng_states(), **progress}
-
-
-def build_actors(envs, args: Args) -> nn.ModuleList:
-    return nn.ModuleList(Actor(envs.obs_dim, envs.num_actions, args.hidden_sizes) for _ in range(envs.num_agents))
-
-
-def save_smax_animation(envs: SMAXEnvs, policy: BatchedActors, path: str, seed: int) -> None:
+def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: int) -> None:
     """One deterministic episode of a single SMAX game, drawn by JaxMARL's visualizer into a GIF at path."""
     import matplotlib
     from jaxmarl.viz.visualizer import SMAXVisualizer
@@ -714,7 +543,7 @@ def save_smax_animation(envs: SMAXEnvs, policy: BatchedActors, path: str, seed: 
         obs, avail = env.get_obs(state), env.get_avail_actions(state)
         obs = torch.as_tensor(np.stack([obs[a] for a in env.agents]), device=envs.device).unsqueeze(0)
         avail = torch.as_tensor(np.stack([avail[a] for a in env.agents]), device=envs.device).bool().unsqueeze(0)
-        action = policy.act(obs, avail, deterministic=True)[0][0].cpu().numpy()
+        action = act(actors, obs, avail, deterministic=True)[0][0].cpu().numpy()
         actions = {a: jnp.asarray(action[i]) for i, a in enumerate(env.agents)}
         key, key_step = jax.random.split(key)
         state_seq.append((key_step, state, actions))
@@ -723,22 +552,19 @@ def save_smax_animation(envs: SMAXEnvs, policy: BatchedActors, path: str, seed: 
     SMAXVisualizer(env, state_seq).animate(save_fname=path, view=False)
 
 
-def evaluate(model_path: str, args: Args, device: torch.device, video_folder: Optional[str] = None) -> tuple:
-    """Runs deterministic episodes with the actors saved in model_path; returns the team returns and the wins.
+def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> tuple:
+    """Team returns and wins of deterministic episodes on environments of their own, seeded apart from training's.
 
     SMAX plays all of them at once, one game each; StarCraft II plays them one after another in one game.
     """
     num_envs = args.eval_episodes if args.backend == "smax" else 1
     envs = make_envs(args, device, num_envs, args.seed + 10_000, replay_dir=video_folder)
-    actors = build_actors(envs, args).to(device)
-    actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])
-    policy = BatchedActors(actors)
     returns, wins = [], []
     episodes = np.zeros(num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
     episode_returns = torch.zeros(num_envs, device=device)
     next_ = envs.reset()
     while len(returns) < args.eval_episodes:
-        action, _ = policy.act(next_["obs"], next_["avail"], deterministic=True)
+        action, _ = act(actors, next_["obs"], next_["avail"], deterministic=True)
         next_ = envs.step(action)
         episode_returns += next_["reward"]
         done = next_["terminated"] | next_["truncated"]
@@ -751,30 +577,45 @@ def evaluate(model_path: str, args: Args, device: torch.device, video_folder: Op
     if video_folder is not None:
         os.makedirs(video_folder, exist_ok=True)
         if args.backend == "smax":
-            save_smax_animation(envs, policy, os.path.join(video_folder, f"{args.env_id}.gif"), args.seed + 10_000)
+            save_smax_animation(envs, actors, os.path.join(video_folder, f"{args.env_id}.gif"), args.seed + 10_000)
         else:
             envs.games[0].save_replay()
     envs.close()
     return returns[: args.eval_episodes], wins[: args.eval_episodes]
 
 
+# flags a resumed run may change; every other one must match the checkpoint's
+RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
+RESUME_MAY_CHANGE = (RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model").split()
+
+
+def load_checkpoint(args: Args) -> dict:
+    """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v]
+    for name, value in flags[:1]:
+        fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
+    return checkpoint
+
+
 if __name__ == "__main__":
     args = parse_args()
     jax_settings(args.cuda and torch.cuda.is_available())
     if (problem := check_args(args)) is not None:
-        sys.exit(f"{os.path.basename(__file__)}: error: {problem}")
+        fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
     run_name = f"{args.env_id}_{args.backend}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if checkpoint is not None:  # a resumed run appends to its own TensorBoard run
-        run_name = checkpoint["run_name"]
+    run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            sys.exit(f"{os.path.basename(__file__)}: error: --track needs wandb: pip install wandb")
+        if importlib.util.find_spec("wandb") is None:
+            fail("--track needs wandb: pip install wandb")
+        import wandb
 
         wandb.init(
             project=args.wandb_project_name,
@@ -782,15 +623,16 @@ if __name__ == "__main__":
             sync_tensorboard=True,
             config=vars(args),
             name=run_name,
-            monitor_gym=True,
-            save_code=True,
         )
+    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
 
     # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
 
     if args.cuda and not torch.cuda.is_available():
@@ -805,24 +647,15 @@ if __name__ == "__main__":
     except Exception as error:
         if args.backend == "smax":
             raise
-        sys.exit(f"{os.path.basename(__file__)}: error: StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
-    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+        fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
     critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
 
-    actors = build_actors(envs, args).to(device)
-    policy = BatchedActors(actors)  # all actors in one batched network for the rollout, reloaded after each update
-    critic = Critic(critic_shape[-1], args.hidden_sizes).to(device)
+    actors = nn.ModuleList(Actor(obs_dim, num_actions, args.hidden_sizes) for _ in range(num_agents)).to(device)
+    critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
     value_norm = ValueNorm(args.norm_value).to(device)
-    actor_optimizers = [
-        torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for actor in actors
-    ]
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
+    actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs, num_agents, obs_dim), device=device)  # (T, E, N, obs_dim)
@@ -837,289 +670,205 @@ if __name__ == "__main__":
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): the team reward
     terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
     truncations = torch.zeros((args.num_steps, args.num_envs), device=device)
-    # finished episodes, kept on the device and logged once per iteration: (T, E) each
-    finished = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    finished_returns, finished_lengths, finished_wins = (
-        torch.zeros_like(rewards),
-        torch.zeros_like(rewards),
-        torch.zeros_like(rewards),
-    )
+
+    # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
+    stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
+    stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
+    checkpoint_path, global_step, last_iteration = f"runs/{run_name}/checkpoint.pt", 0, 0
+    if checkpoint is not None:
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        np.random.set_state(checkpoint["rng"][0])
+        torch.set_rng_state(checkpoint["rng"][1])
+        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+        global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
+
+    def write_checkpoint() -> None:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
+        rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+        state = {name: module.state_dict() for name, module in stateful.items()}
+        progress = {"global_step": global_step, "iteration": last_iteration, "run_name": run_name, "args": vars(args)}
+        torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
+        os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+
+    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     # TRY NOT TO MODIFY: start the game
-    global_step, start_iteration, last_iteration = 0, 1, 0
-    if checkpoint is not None:  # continue: weights, optimizers, value statistics, random streams and step count
-        load_training_state(checkpoint, actors, critic, value_norm, actor_optimizers, critic_optimizer)
-        policy.load(actors)
-        set_rng_states(checkpoint["rng"])
-        global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
-        start_iteration = last_iteration + 1
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time, start_step = time.time(), global_step
-    episode_returns = torch.zeros(args.num_envs, device=device)
-    episode_lengths = torch.zeros(args.num_envs, device=device)
-    recent_returns, recent_wins, mean_return, win_rate = [], [], float("nan"), float("nan")
-    interrupted, bad_updates = stop_on_signals(), 0  # signals received; iterations in a row with a skipped update
-    progress = tqdm(
-        initial=global_step, total=args.num_iterations * args.batch_size, unit="step", disable=not sys.stderr.isatty()
-    )
+    start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
+    episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
+    recent_returns, recent_wins, mean_return, win_rate, bad_updates = [], [], float("nan"), float("nan"), 0
+    progress = tqdm(initial=global_step, total=args.num_iterations * args.batch_size, disable=not sys.stderr.isatty())
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
             break
-        if iteration > 1 and (
-            iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0)
-        ):
+        if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_ = envs.reset(seed=args.seed + iteration - 1)
-            episode_returns.zero_()
-            episode_lengths.zero_()
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            for optimizer in actor_optimizers:
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-            critic_optimizer.param_groups[0]["lr"] = frac * args.critic_learning_rate
+            episode_returns.zero_(), episode_lengths.zero_()
 
         rollout_start = time.time()
         for step in range(args.num_steps):
-            obs[step], states[step], avail_actions[step], active_masks[step] = (
-                next_["obs"],
-                next_["state"],
-                next_["avail"],
-                next_["active"],
-            )
+            global_step += args.num_envs
+            obs[step], states[step], avail_actions[step] = next_["obs"], next_["state"], next_["avail"]
+            active_masks[step] = next_["active"]
 
-            # ALGO LOGIC: each agent acts on its own observation, among its available actions (one batched call)
-            actions[step], logprobs[step] = policy.act(next_["obs"], next_["avail"])
+            # ALGO LOGIC: each agent acts on its own observation, among its available actions
+            actions[step], logprobs[step] = act(actors, next_["obs"], next_["avail"])
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_ = envs.step(actions[step])
-            rewards[step], terminations[step], truncations[step] = (
-                next_["reward"],
-                next_["terminated"],
-                next_["truncated"],
-            )
+            rewards[step], terminations[step] = next_["reward"], next_["terminated"]
+            truncations[step] = next_["truncated"]
             final_obs[step], final_states[step] = next_["final_obs"], next_["final_state"]
-            episode_returns += next_["reward"]
-            episode_lengths += 1
+            episode_returns, episode_lengths = episode_returns + next_["reward"], episode_lengths + 1
             done = next_["terminated"] | next_["truncated"]
-            finished[step] = done & ~next_["restarted"]
-            finished_returns[step], finished_lengths[step], finished_wins[step] = (
-                episode_returns,
-                episode_lengths,
-                next_["won"],
-            )
-            episode_returns *= ~done
-            episode_lengths *= ~done
-        global_step += args.batch_size
-        for step, env_idx in finished.nonzero().tolist():
-            step_of_end = global_step - args.batch_size + (step + 1) * args.num_envs
-            recent_returns.append(finished_returns[step, env_idx].item())
-            recent_wins.append(finished_wins[step, env_idx].item())
-            writer.add_scalar("charts/episodic_return", recent_returns[-1], step_of_end)
-            writer.add_scalar("charts/episodic_length", finished_lengths[step, env_idx].item(), step_of_end)
-        if finished.any():
-            writer.add_scalar("charts/win_rate", finished_wins[finished].mean().item(), global_step)
+            if (ended := done & ~next_["restarted"]).any():  # a game lost to a crash is no episode
+                ended_episodes = torch.stack([episode_returns, episode_lengths, next_["won"].float()], 1)[ended]
+                for episodic_return, episodic_length, won in ended_episodes.tolist():
+                    recent_returns.append(episodic_return)
+                    recent_wins.append(won)
+                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            episode_returns, episode_lengths = episode_returns * ~done, episode_lengths * ~done
 
+        # bootstrap value if not done: values (T, E, C), C = N agents (FP) or 1 (EP)
         update_start = time.time()
-        snapshot = copy.deepcopy(training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer))
-        try:  # a non-finite loss, gradient or parameter undoes the iteration's whole update (see except)
-            # bootstrap value if not done: values (T, E, C), C = N agents (FP) or 1 (EP)
-            with torch.no_grad():
-                critic_in = critic_inputs(states, obs, args.state_type)
-                values = value_norm.denormalize(critic(critic_in))
-                next_value = value_norm.denormalize(
-                    critic(critic_inputs(next_["state"], next_["obs"], args.state_type))
-                )
-                final_values = value_norm.denormalize(critic(critic_inputs(final_states, final_obs, args.state_type)))
-                advantages = compute_gae(
-                    rewards.unsqueeze(-1).expand_as(values),
-                    values,
-                    next_value,
-                    terminations.unsqueeze(-1).expand_as(values),
-                    truncations.unsqueeze(-1).expand_as(values),
-                    final_values,
-                    args.gamma,
-                    args.gae_lambda,
-                )
-                returns = advantages + values
-                value_norm.update(returns)
+        with torch.no_grad():
+            values = value_norm.denormalize(critic(critic_inputs(states, obs, args.state_type)).squeeze(-1))
+            next_value = value_norm.denormalize(
+                critic(critic_inputs(next_["state"], next_["obs"], args.state_type)).squeeze(-1)
+            )
+            final_values = value_norm.denormalize(
+                critic(critic_inputs(final_states, final_obs, args.state_type)).squeeze(-1)
+            )
+            dones = (rewards.unsqueeze(-1), terminations.unsqueeze(-1), truncations.unsqueeze(-1))  # to (T, E, 1)
+            advantages = compute_gae(
+                dones[0], values, next_value, *dones[1:], final_values, args.gamma, args.gae_lambda
+            )
+            returns = advantages + values
+            value_norm.update(returns)
 
-            # flatten the batch
-            b_obs = obs.reshape(-1, num_agents, obs_dim)
-            b_avail = avail_actions.reshape(-1, num_agents, num_actions)
-            b_actions = actions.reshape(-1, num_agents)
-            b_logprobs = logprobs.reshape(-1, num_agents)
-            b_active = active_masks.reshape(-1, num_agents)
-            b_critic_in = critic_in.reshape((-1,) + critic_shape)
-            b_advantages = advantages.reshape(-1, critic_shape[0])
-            b_returns = value_norm.normalize(returns.reshape(-1, critic_shape[0]))
-            b_values = value_norm.normalize(values.reshape(-1, critic_shape[0]))
-            b_value_mask = (
-                b_active if args.state_type == "FP" else torch.ones_like(b_values)
-            )  # dead agents' values don't count
-            if args.norm_adv:
-                adv_mean = masked_mean(b_advantages, b_value_mask)
-                adv_std = masked_mean((b_advantages - adv_mean) ** 2, b_value_mask).sqrt()
-                b_advantages = (b_advantages - adv_mean) / (adv_std + 1e-8)
+        b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avail_actions, actions, logprobs))
+        b_active, b_critic_in = active_masks.flatten(0, 1), critic_inputs(states, obs, args.state_type).flatten(0, 1)
+        b_returns, b_values = value_norm.normalize(returns.flatten(0, 1)), value_norm.normalize(values.flatten(0, 1))
+        b_value_mask = b_active if args.state_type == "FP" else torch.ones_like(b_values)  # the living agents' values
+        adv_mean = masked_mean(advantages.flatten(0, 1), b_value_mask)
+        adv_std = masked_mean((advantages.flatten(0, 1) - adv_mean) ** 2, b_value_mask).sqrt()
+        b_advantages = (advantages.flatten(0, 1) - adv_mean) / (adv_std + 1e-8)  # normalized over living agents
 
-            # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
-            # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
-            order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
-            factor = torch.ones(args.batch_size, device=device)
-            b_inds = np.arange(args.batch_size)
-            pg_losses, entropies, approx_kls, clipfracs = [], [], [], []
-            for k, agent in enumerate(order):
-                m_used = factor_used(factor, args.factor, args.factor_clip)
-                agent_advantages = b_advantages[:, agent if args.state_type == "FP" else 0]
-                alive = b_active[:, agent] > 0
-                writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
-                writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-                writer.add_scalar(
-                    f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean().item(), global_step
-                )
-                writer.add_scalar(
-                    f"lv/adv_variance_{k}", (m_used * agent_advantages)[alive].var().nan_to_num().item(), global_step
-                )
+        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
+        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
+        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+        factor = torch.ones(args.batch_size, device=device)
+        b_inds = np.arange(args.batch_size)
+        logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
+        for k, agent in enumerate(order):
+            m_used = factor_used(factor, args.factor, args.factor_clip)
+            a_advantages = b_advantages[:, agent if args.state_type == "FP" else 0]
+            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
+            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
+            writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
+            variance = (m_used * a_advantages)[b_active[:, agent] > 0].var().nan_to_num()  # over the living agents
+            writer.add_scalar(f"lv/adv_variance_{k}", variance.item(), global_step)
 
-                actor, optimizer = actors[agent], actor_optimizers[agent]
-                for epoch in range(args.update_epochs):
-                    np.random.shuffle(b_inds)
-                    for start in range(0, args.batch_size, args.minibatch_size):
-                        mb_inds = b_inds[start : start + args.minibatch_size]
-                        dist = actor.distribution(b_obs[mb_inds, agent], b_avail[mb_inds, agent])
-                        newlogprob, entropy = dist.log_prob(b_actions[mb_inds, agent]), dist.entropy()
-                        mb_mask = b_active[mb_inds, agent]  # a dead agent's forced no-op teaches nothing
-                        pg_loss = actor_loss(
-                            newlogprob,
-                            b_logprobs[mb_inds, agent],
-                            agent_advantages[mb_inds],
-                            m_used[mb_inds],
-                            mb_mask,
-                            args.clip_coef,
-                        )
-                        entropy_loss = masked_mean(entropy, mb_mask)
-                        loss = pg_loss - args.ent_coef * entropy_loss
-
-                        optimizer.zero_grad()
-                        loss.backward()
-                        grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-                        check_finite(f"loss or gradient of agent {agent}", loss, grad_norm)
-                        optimizer.step()
-                        pg_losses.append(pg_loss.item())
-                        entropies.append(entropy_loss.item())
-
-                with torch.no_grad():
-                    newlogprob = actor.distribution(b_obs[:, agent], b_avail[:, agent]).log_prob(b_actions[:, agent])
-                    logratio = newlogprob - b_logprobs[:, agent]
-                    ratio = logratio.exp()
-                    approx_kls.append(masked_mean((ratio - 1) - logratio, b_active[:, agent]).item())
-                    clipfracs.append(
-                        masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), b_active[:, agent]).item()
-                    )
-                    # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                    factor = accumulate_factor(factor, newlogprob, b_logprobs[:, agent], b_active[:, agent])
-
-            # ALGO LOGIC: critic update on the normalized returns
-            v_losses = []
-            for epoch in range(args.critic_epochs):
+            actor, optimizer = actors[agent], actor_optimizers[agent]
+            a_obs, a_avail, a_actions = b_obs[:, agent], b_avail[:, agent], b_actions[:, agent]
+            a_logprobs, a_mask = b_logprobs[:, agent], b_active[:, agent]  # a dead agent's no-op teaches nothing
+            for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
-                    newvalue = critic(b_critic_in[mb_inds])
-                    v_loss = critic_loss(
-                        newvalue,
-                        b_values[mb_inds],
-                        b_returns[mb_inds],
-                        args.clip_coef,
-                        args.clip_vloss,
-                        args.huber_delta,
-                        b_value_mask[mb_inds],
+                    dist = actor.distribution(a_obs[mb_inds], a_avail[mb_inds])
+                    newlogprob, entropy_loss = (
+                        dist.log_prob(a_actions[mb_inds]),
+                        masked_mean(dist.entropy(), a_mask[mb_inds]),
                     )
-                    critic_optimizer.zero_grad()
-                    v_loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                    check_finite("critic loss or gradient", v_loss, grad_norm)
-                    critic_optimizer.step()
-                    v_losses.append(v_loss.item())
-            check_finite("parameter", *actors.parameters(), *critic.parameters())
-        except NonFiniteError as error:
-            load_training_state(snapshot, actors, critic, value_norm, actor_optimizers, critic_optimizer)
-            bad_updates += 1
-            writer.add_scalar("charts/skipped_update", 1, global_step)
-            print(f"warning: iteration {iteration}: {error}; update skipped, parameters unchanged", file=sys.stderr)
-            if bad_updates >= args.max_bad_updates:
-                progress.close()
-                writer.close()
-                kept = checkpoint_path if os.path.exists(checkpoint_path) else "none (see --checkpoint-every)"
-                sys.exit(
-                    f"{os.path.basename(__file__)}: error: {bad_updates} updates in a row met non-finite values; "
-                    f"stopped. Last good checkpoint: {kept}"
-                )
-            continue
-        bad_updates = 0
-        policy.load(actors)
+                    mb_adv, mb_factor, mb_mask = a_advantages[mb_inds], m_used[mb_inds], a_mask[mb_inds]
+                    pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, mb_mask, args.clip_coef)
+                    loss = pg_loss - args.ent_coef * entropy_loss
+                    skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
+                    logs["policy_loss"].append(pg_loss.item())
+                    logs["entropy"].append(entropy_loss.item())
+
+            with torch.no_grad():
+                newlogprob = actor.distribution(a_obs, a_avail).log_prob(a_actions)
+                logratio = newlogprob - a_logprobs
+                ratio = logratio.exp()
+                logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, a_mask).item())
+                logs["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), a_mask).item())
+                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over (not a dead
+                # agent's ratio, whose forced no-op says nothing)
+                factor = factor * torch.where(a_mask > 0, ratio, torch.ones_like(ratio))
+
+        # ALGO LOGIC: critic update on the normalized returns
+        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
+        for epoch in range(args.critic_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb_inds = b_inds[start : start + args.minibatch_size]
+                newvalue = critic(b_critic_in[mb_inds]).squeeze(-1)
+                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], *value_loss_args)
+                v_loss = masked_mean(errors, b_value_mask[mb_inds])  # FP: the living agents' values only
+                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                logs["value_loss"].append(v_loss.item())
+
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; too many such iterations in a row stop
+        bad_updates = bad_updates + 1 if skipped else 0
+        if skipped:
+            writer.add_scalar("charts/skipped_steps", skipped, global_step)
+            print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
+        if bad_updates >= args.max_bad_updates:
+            fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
         writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
         sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/learning_rate", actor_optimizers[0].param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
-        writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
-        writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
-        writer.add_scalar("losses/approx_kl", np.mean(approx_kls), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        for name, values in logs.items():  # means over agents, epochs and minibatches
+            writer.add_scalar(f"losses/{name}", np.mean(values) if values else 0.0, global_step)
         if args.backend == "sc2":
             writer.add_scalar("charts/sc2_restarts", envs.restarts, global_step)
         if recent_returns:
-            mean_return, win_rate = np.mean(recent_returns), np.mean(recent_wins)
-            recent_returns, recent_wins = [], []
+            writer.add_scalar("charts/win_rate", np.mean(recent_wins), global_step)
+            mean_return, win_rate, recent_returns, recent_wins = np.mean(recent_returns), np.mean(recent_wins), [], []
+        if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
+            for name, values in zip(("episodic_return", "win_rate"), evaluate(actors, args, device), strict=True):
+                writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         progress.update(args.batch_size)
-        progress.set_postfix(episodic_return=f"{mean_return:.2f}", win_rate=f"{win_rate:.2f}", SPS=sps)
         progress.write(
             f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
         )
         sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            state = training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer)
-            save_checkpoint(checkpoint_path, make_checkpoint(state, global_step, iteration, run_name, args))
+            write_checkpoint()
 
     progress.close()
     envs.close()
-    if interrupted:  # SIGINT or SIGTERM: keep what was learned, say how to go on, exit 130 or 143
-        state = training_state(actors, critic, value_norm, actor_optimizers, critic_optimizer)
-        save_checkpoint(checkpoint_path, make_checkpoint(state, global_step, last_iteration, run_name, args))
+    if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+        write_checkpoint()
         writer.close()
-        print(f"interrupted at global_step={global_step}; checkpoint written to {checkpoint_path}")
         command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
-        print(f"resume with: python {command} --resume {checkpoint_path}")
+        print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
-    if args.save_model or args.capture_video:
+    if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save(
-            {
-                "actors": actors.state_dict(),
-                "critic": critic.state_dict(),
-                "value_norm": value_norm.state_dict(),
-                "args": vars(args),
-            },
-            model_path,
-        )
-        if args.save_model:
-            print(f"model saved to {model_path}")
-        episodic_returns, wins = evaluate(
-            model_path, args, device, f"videos/{run_name}" if args.capture_video else None
-        )
-        for idx, (episodic_return, won) in enumerate(zip(episodic_returns, wins, strict=True)):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        writer.add_scalar("eval/win_rate", float(np.mean(wins)), global_step)
-        print(
-            f"eval: mean episodic_return={np.mean(episodic_returns):.2f}, win_rate={np.mean(wins):.2f} "
-            f"over {len(episodic_returns)} episodes"
-        )
-        if not args.save_model:
-            os.remove(model_path)
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        print(f"model saved to {model_path}")
+        actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
+    if args.eval_every or args.save_model or args.capture_video:
+        episodic_returns, wins = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
+        writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
+        writer.add_scalar("eval/win_rate", np.mean(wins), global_step)
+        print(f"eval: mean episodic_return={np.mean(episodic_returns):.2f}, win_rate={np.mean(wins):.2f}")
 
     writer.close()

@@ -327,8 +327,8 @@ def compute_gae(
     next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
     next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
     not_done = 1.0 - torch.maximum(terminations, truncations)
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(rewards[0])
+    advantages = torch.zeros_like(values)
+    lastgaelam = torch.zeros_like(values[0])
     for t in reversed(range(rewards.shape[0])):
         delta = rewards[t] + gamma * next_values[t] - values[t]
         advantages[t] = lastgaelam = delta + gamma * gae_lambda * not_done[t] * lastgaelam
@@ -400,14 +400,15 @@ def critic_loss(
     clip_vloss: bool,
     huber_delta: Optional[float],
 ) -> Tensor:
-    """Huber (or squared) error of the normalized value, the worse of clipped and unclipped when clip_vloss."""
+    """Per sample, the Huber (or squared) error of the normalized value, the worse of clipped and unclipped when
+    clip_vloss."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
     predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
     if huber_delta is None:
         errors = 0.5 * (predictions - returns) ** 2
     else:
         errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
-    return errors.max(0).values.mean()
+    return errors.max(0).values
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
@@ -639,14 +640,13 @@ if __name__ == "__main__":
                 factor = factor * ratio
 
         # ALGO LOGIC: critic update on the normalized returns
+        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
-                v_loss = critic_loss(
-                    newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.huber_delta
-                )
+                v_loss = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], *value_loss_args).mean()
                 skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
                 logs["value_loss"].append(v_loss.item())
 
