@@ -23,10 +23,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 SC2_INSTALL = (
-    "the sc2 backend needs StarCraft II and the smac package: install the game (Linux: unzip SC2.4.10.zip from "
-    "github.com/Blizzard/s2client-proto, set SC2PATH, copy SMAC_Maps into StarCraftII/Maps), then "
-    "pip install git+https://github.com/oxwhirl/smac.git (README.md, section lv_happo_smac.py)"
+    "the sc2 backend needs StarCraft II and smac: unzip SC2.4.10.zip from github.com/Blizzard/s2client-proto, "
 )
+SC2_INSTALL += "set SC2PATH, copy SMAC_Maps into StarCraftII/Maps, pip install git+https://github.com/oxwhirl/smac.git"
 
 
 @dataclass
@@ -152,10 +151,7 @@ def check_args(args: Args) -> Optional[str]:
             words = "a positive number" if name in POSITIVE else "a finite number, not negative"
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
-        (
-            args.max_steps is not None and args.backend == "sc2",
-            "--max-steps is for --backend smax (SMAC maps set their own)",
-        ),
+        (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
         (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
@@ -165,18 +161,12 @@ def check_args(args: Args) -> Optional[str]:
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
     # the backend's package and map list last: importing jaxmarl takes seconds
-    if args.backend == "smax":
-        if importlib.util.find_spec("jaxmarl") is None:
-            return "the smax backend needs jaxmarl: pip install -r requirements.txt (or pip install jaxmarl)"
-        if args.env_id not in (maps := smax_maps()):
-            return f"unknown SMAX map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-    else:
-        if importlib.util.find_spec("smac") is None:
-            return SC2_INSTALL
-        from smac.env.starcraft2.maps import smac_maps
-
-        if args.env_id not in (maps := smac_maps.get_smac_map_registry()):
-            return f"unknown SMAC map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
+    if importlib.util.find_spec("jaxmarl" if args.backend == "smax" else "smac") is None:
+        return (
+            "the smax backend needs jaxmarl: pip install -r requirements.txt" if args.backend == "smax" else SC2_INSTALL
+        )
+    if args.env_id not in (maps := map_names(args.backend)):
+        return f"unknown {args.backend} map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
 
 
 def jax_settings(cuda: bool) -> None:
@@ -190,24 +180,30 @@ def jax_settings(cuda: bool) -> None:
 
 @contextlib.contextmanager
 def quiet_stdout():
-    """Silences file descriptor 1: jaxmarl prints a notice about its submodules on import, through a sys.stdout
-    that it resets while importing, so contextlib.redirect_stdout cannot catch it."""
+    """Silences file descriptor 1: jaxmarl prints a notice on import through a sys.stdout that it resets while
+    importing, so contextlib.redirect_stdout cannot catch it."""
     sys.stdout.flush()
-    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
     try:
         yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-        os.close(devnull)
 
 
-def smax_maps() -> list:
+def map_names(backend: str) -> list:
+    """The maps that JaxMARL's SMAX (smax) or smac (sc2) knows."""
     with quiet_stdout():
-        from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
-    return list(MAP_NAME_TO_SCENARIO)
+        if backend == "smax":
+            from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO as maps
+        else:
+            from smac.env.starcraft2.maps.smac_maps import get_smac_map_registry
+
+            maps = get_smac_map_registry()
+    return list(maps)
 
 
 # what both backends return: reset() the first four, step() all (and `restarted`)
@@ -217,13 +213,10 @@ STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs
 
 class SMAXEnvs:
     """`num_envs` SMAX games (JaxMARL's HeuristicEnemySMAX) stepped by one jit-compiled function vmapped over the
-    environments; arrays reach torch through DLPack, without a copy when jax and torch share the device.
-
-    Both backends return dicts of tensors: `obs` (E, N, obs_dim), `state` (E, state_dim), `avail` (E, N, A) bool,
-    `active` (E, N) 1 for living agents; `step` adds `reward` (E,) the team reward, `terminated` (a side is
-    wiped out), `truncated` (time limit), `won`, `restarted` (E,) bool, and `final_obs`, `final_state`, the
-    observations before a finished game's reset (the returned `obs` and `state` already belong to the next game).
-    """
+    environments, arrays passed to torch by DLPack. Both backends return dicts of tensors: `obs` (E, N, obs_dim),
+    `state` (E, state_dim), `avail` (E, N, A) bool, `active` (E, N) 1 for living agents; `step` adds `reward` (E,),
+    `terminated` (a side is wiped out), `truncated` (time limit), `won`, `restarted` (E,) bool, and `final_obs`,
+    `final_state` before a finished game's reset (`obs` and `state` already belong to the next game)."""
 
     def __init__(self, map_name: str, num_envs: int, seed: int, device: torch.device, max_steps: Optional[int] = None):
         import jax
@@ -232,7 +225,7 @@ class SMAXEnvs:
         with quiet_stdout():
             from jaxmarl import make
             from jaxmarl.environments.smax import map_name_to_scenario
-        self.jax, self.jnp, self.device = jax, jnp, device
+        self.jax, self.jnp, self.device, self.num_envs = jax, jnp, device, num_envs
         limit = {} if max_steps is None else {"max_steps": max_steps}
         self.env = env = make("HeuristicEnemySMAX", scenario=map_name_to_scenario(map_name), **limit)
         self.num_agents = n = env.num_agents
@@ -243,14 +236,9 @@ class SMAXEnvs:
         self.restarted = torch.zeros(num_envs, dtype=torch.bool, device=device)
 
         def observe(state) -> tuple:
-            obs = env.get_obs(state)
-            avail = env.get_avail_actions(state)
-            return (
-                jnp.stack([obs[a] for a in env.agents]),
-                env.get_world_state(state),
-                jnp.stack([avail[a] for a in env.agents]).astype(bool),
-                state.state.unit_alive[:n].astype(jnp.float32),
-            )
+            obs, avail = env.get_obs(state), env.get_avail_actions(state)
+            obs, avail = jnp.stack([obs[a] for a in env.agents]), jnp.stack([avail[a] for a in env.agents]).astype(bool)
+            return obs, env.get_world_state(state), avail, state.state.unit_alive[:n].astype(jnp.float32)
 
         def reset(key):
             state = env.reset(key)[1]
@@ -258,9 +246,7 @@ class SMAXEnvs:
 
         def step(key, state, action):
             key_step, key_reset = jax.random.split(key)
-            _, state, rewards, dones, _ = env.step_env(
-                key_step, state, {a: action[i] for i, a in enumerate(env.agents)}
-            )
+            _, state, rewards, dones, _ = env.step_env(key_step, state, dict(zip(env.agents, action, strict=True)))
             allies_alive, enemies_alive = state.state.unit_alive[:n].any(), state.state.unit_alive[n:].any()
             terminated = ~(allies_alive & enemies_alive)
             final_obs, final_state = observe(state)[:2]
@@ -305,24 +291,10 @@ class SC2Envs:
     """`num_envs` StarCraft II games (smac's StarCraft2Env), one game process each, stepped in turn, with the
     interface of SMAXEnvs. A game whose process crashes is closed and started again and training goes on: the
     episode it was playing is lost (it ends there as a truncation and is not counted as an episode), and the
-    restart is counted in `restarts`. `make_game(i)` builds game i (tests pass a stand-in)."""
+    restart is counted in `restarts`. `make_game(i)` builds game i (smac's game, or a stand-in in the tests)."""
 
-    def __init__(
-        self,
-        map_name: str,
-        num_envs: int,
-        seed: int,
-        device: torch.device,
-        make_game: Optional[Callable[[int], Any]] = None,
-        replay_dir: Optional[str] = None,
-    ):
-        if make_game is None:
-            from smac.env import StarCraft2Env
-
-            def make_game(i: int) -> Any:
-                return StarCraft2Env(map_name=map_name, seed=seed + i, replay_dir=replay_dir or "")
-
-        self.make_game, self.device, self.restarts = make_game, device, 0
+    def __init__(self, make_game: Callable[[int], Any], num_envs: int, device: torch.device):
+        self.make_game, self.device, self.num_envs, self.restarts = make_game, device, num_envs, 0
         self.games = [make_game(i) for i in range(num_envs)]
         info = self.games[0].get_env_info()
         self.num_agents, self.num_actions = info["n_agents"], info["n_actions"]
@@ -522,10 +494,14 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
     return True
 
 
-def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay_dir: Optional[str] = None):
+def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay_dir: str = "") -> Any:
     if args.backend == "smax":
         return SMAXEnvs(args.env_id, num_envs, seed, device, args.max_steps)
-    return SC2Envs(args.env_id, num_envs, seed, device, replay_dir=replay_dir)
+    from smac.env import StarCraft2Env
+
+    return SC2Envs(
+        lambda i: StarCraft2Env(map_name=args.env_id, seed=seed + i, replay_dir=replay_dir), num_envs, device
+    )
 
 
 def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: int) -> None:
@@ -552,24 +528,20 @@ def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: 
     SMAXVisualizer(env, state_seq).animate(save_fname=path, view=False)
 
 
-def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> tuple:
-    """Team returns and wins of deterministic episodes on environments of their own, seeded apart from training's.
-
-    SMAX plays all of them at once, one game each; StarCraft II plays them one after another in one game.
-    """
-    num_envs = args.eval_episodes if args.backend == "smax" else 1
-    envs = make_envs(args, device, num_envs, args.seed + 10_000, replay_dir=video_folder)
+def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str] = None) -> tuple:
+    """Team returns and wins of deterministic episodes on envs, evaluation environments: SMAX plays all at once, one
+    game each; StarCraft II one after another in one game."""
     returns, wins = [], []
-    episodes = np.zeros(num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
-    episode_returns = torch.zeros(num_envs, device=device)
-    next_ = envs.reset()
+    episodes = np.zeros(envs.num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
+    episode_returns = torch.zeros(envs.num_envs, device=envs.device)
+    next_ = envs.reset(seed=args.seed + 10_000)
     while len(returns) < args.eval_episodes:
         action, _ = act(actors, next_["obs"], next_["avail"], deterministic=True)
         next_ = envs.step(action)
         episode_returns += next_["reward"]
         done = next_["terminated"] | next_["truncated"]
         counted = (done & ~next_["restarted"]).cpu().numpy()  # a game lost to a crash is no episode
-        for i in np.flatnonzero(counted & (episodes < -(-args.eval_episodes // num_envs))):
+        for i in np.flatnonzero(counted & (episodes < -(-args.eval_episodes // len(episodes)))):
             returns.append(episode_returns[i].item())
             wins.append(next_["won"][i].item())
             episodes[i] += 1
@@ -580,7 +552,6 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
             save_smax_animation(envs, actors, os.path.join(video_folder, f"{args.env_id}.gif"), args.seed + 10_000)
         else:
             envs.games[0].save_replay()
-    envs.close()
     return returns[: args.eval_episodes], wins[: args.eval_episodes]
 
 
@@ -617,19 +588,8 @@ if __name__ == "__main__":
             fail("--track needs wandb: pip install wandb")
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-        )
-    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
-
+        wandb_run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
+        wandb.init(**wandb_run, sync_tensorboard=True)
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -648,6 +608,17 @@ if __name__ == "__main__":
         if args.backend == "smax":
             raise
         fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
+    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
+    if args.eval_every or args.save_model or args.capture_video:
+        replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
+        eval_envs = make_envs(
+            args, device, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, replays
+        )
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
     critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
 
@@ -661,9 +632,7 @@ if __name__ == "__main__":
     obs = torch.zeros((args.num_steps, args.num_envs, num_agents, obs_dim), device=device)  # (T, E, N, obs_dim)
     states = torch.zeros((args.num_steps, args.num_envs, envs.state_dim), device=device)  # (T, E, state_dim)
     final_obs, final_states = torch.zeros_like(obs), torch.zeros_like(states)  # before a reset at step t
-    avail_actions = torch.zeros(
-        (args.num_steps, args.num_envs, num_agents, num_actions), dtype=torch.bool, device=device
-    )
+    avails = torch.zeros((args.num_steps, args.num_envs, num_agents, num_actions), dtype=torch.bool, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs, num_agents), dtype=torch.long, device=device)  # (T, E, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
     active_masks = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N): alive
@@ -700,6 +669,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    def value(state: Tensor, agent_obs: Tensor) -> Tensor:  # V(s) (EP) or V(s, o_i, i) (FP), in the returns' units
+        return value_norm.denormalize(critic(critic_inputs(state, agent_obs, args.state_type)).squeeze(-1))
+
     # TRY NOT TO MODIFY: start the game
     start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
     episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
@@ -717,7 +689,7 @@ if __name__ == "__main__":
         rollout_start = time.time()
         for step in range(args.num_steps):
             global_step += args.num_envs
-            obs[step], states[step], avail_actions[step] = next_["obs"], next_["state"], next_["avail"]
+            obs[step], states[step], avails[step] = next_["obs"], next_["state"], next_["avail"]
             active_masks[step] = next_["active"]
 
             # ALGO LOGIC: each agent acts on its own observation, among its available actions
@@ -742,21 +714,14 @@ if __name__ == "__main__":
         # bootstrap value if not done: values (T, E, C), C = N agents (FP) or 1 (EP)
         update_start = time.time()
         with torch.no_grad():
-            values = value_norm.denormalize(critic(critic_inputs(states, obs, args.state_type)).squeeze(-1))
-            next_value = value_norm.denormalize(
-                critic(critic_inputs(next_["state"], next_["obs"], args.state_type)).squeeze(-1)
-            )
-            final_values = value_norm.denormalize(
-                critic(critic_inputs(final_states, final_obs, args.state_type)).squeeze(-1)
-            )
-            dones = (rewards.unsqueeze(-1), terminations.unsqueeze(-1), truncations.unsqueeze(-1))  # to (T, E, 1)
-            advantages = compute_gae(
-                dones[0], values, next_value, *dones[1:], final_values, args.gamma, args.gae_lambda
-            )
+            values = value(states, obs)  # (T, E, C)
+            next_value, final_values = value(next_["state"], next_["obs"]), value(final_states, final_obs)
+            team = (rewards.unsqueeze(-1), terminations.unsqueeze(-1), truncations.unsqueeze(-1))  # (T, E, 1) each
+            advantages = compute_gae(team[0], values, next_value, *team[1:], final_values, args.gamma, args.gae_lambda)
             returns = advantages + values
             value_norm.update(returns)
 
-        b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avail_actions, actions, logprobs))
+        b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avails, actions, logprobs))
         b_active, b_critic_in = active_masks.flatten(0, 1), critic_inputs(states, obs, args.state_type).flatten(0, 1)
         b_returns, b_values = value_norm.normalize(returns.flatten(0, 1)), value_norm.normalize(values.flatten(0, 1))
         b_value_mask = b_active if args.state_type == "FP" else torch.ones_like(b_values)  # the living agents' values
@@ -841,7 +806,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/win_rate", np.mean(recent_wins), global_step)
             mean_return, win_rate, recent_returns, recent_wins = np.mean(recent_returns), np.mean(recent_wins), [], []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
-            for name, values in zip(("episodic_return", "win_rate"), evaluate(actors, args, device), strict=True):
+            for name, values in zip(("episodic_return", "win_rate"), evaluate(actors, eval_envs, args), strict=True):
                 writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         progress.update(args.batch_size)
         progress.write(
@@ -866,7 +831,8 @@ if __name__ == "__main__":
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
     if args.eval_every or args.save_model or args.capture_video:
-        episodic_returns, wins = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
+        episodic_returns, wins = evaluate(actors, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
+        eval_envs.close()
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
         writer.add_scalar("eval/win_rate", np.mean(wins), global_step)
         print(f"eval: mean episodic_return={np.mean(episodic_returns):.2f}, win_rate={np.mean(wins):.2f}")
