@@ -61,8 +61,7 @@ class Args:
     max_steps: Optional[int] = None
     """the time limit of a SMAX game in steps (SMAX's 100 on every map when not given; SMAC maps set their own)"""
     state_type: Literal["FP", "EP"] = "FP"
-    """the critic's input: `FP` global state + the agent's observation + its one-hot id, one value per agent
-    (each agent uses its own advantage); `EP` the global state, one value per environment"""
+    """the critic's input: `FP` state, agent's observation and id (a value, an advantage per agent); `EP` the state"""
     total_timesteps: int = 2_000_000
     """total joint environment steps of the experiment"""
     """total joint environment steps of the experiment"""
@@ -165,17 +164,13 @@ def check_args(args: Args) -> Optional[str]:
         return (
             "the smax backend needs jaxmarl: pip install -r requirements.txt" if args.backend == "smax" else SC2_INSTALL
         )
-    if args.env_id not in (maps := map_names(args.backend)):
+    with quiet_stdout():  # the maps the backend knows
+        if args.backend == "smax":
+            maps = importlib.import_module("jaxmarl.environments.smax.smax_env").MAP_NAME_TO_SCENARIO
+        else:
+            maps = importlib.import_module("smac.env.starcraft2.maps.smac_maps").get_smac_map_registry()
+    if args.env_id not in maps:
         return f"unknown {args.backend} map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-
-
-def jax_settings(cuda: bool) -> None:
-    """Environment variables XLA reads when jax is first imported: no GPU memory preallocation (torch needs it),
-    and on the CPU one XLA thread beside torch's, so the two do not oversubscribe the cores."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if not cuda:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 
 @contextlib.contextmanager
@@ -186,37 +181,20 @@ def quiet_stdout():
     saved = os.dup(1)
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+    yield
+    os.dup2(saved, 1)
+    os.close(saved)
 
 
-def map_names(backend: str) -> list:
-    """The maps that JaxMARL's SMAX (smax) or smac (sc2) knows."""
-    with quiet_stdout():
-        if backend == "smax":
-            from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO as maps
-        else:
-            from smac.env.starcraft2.maps.smac_maps import get_smac_map_registry
-
-            maps = get_smac_map_registry()
-    return list(maps)
-
-
-# what both backends return: reset() the first four, step() all (and `restarted`)
-RESET_KEYS = ("obs", "state", "avail", "active")
+RESET_KEYS = ("obs", "state", "avail", "active")  # what both backends' reset() returns; step() adds the rest
 STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs", "final_state")
 
 
 class SMAXEnvs:
-    """`num_envs` SMAX games (JaxMARL's HeuristicEnemySMAX) stepped by one jit-compiled function vmapped over the
-    environments, arrays passed to torch by DLPack. Both backends return dicts of tensors: `obs` (E, N, obs_dim),
-    `state` (E, state_dim), `avail` (E, N, A) bool, `active` (E, N) 1 for living agents; `step` adds `reward` (E,),
-    `terminated` (a side is wiped out), `truncated` (time limit), `won`, `restarted` (E,) bool, and `final_obs`,
-    `final_state` before a finished game's reset (`obs` and `state` already belong to the next game)."""
+    """`num_envs` SMAX games (JaxMARL's HeuristicEnemySMAX) stepped by one jitted, vmapped function, arrays passed
+    to torch by DLPack. Both backends return dicts of tensors: `obs` (E, N, obs_dim), `state`, `avail` (E, N, A),
+    `active` (E, N) 1 for living agents; `step` adds `reward`, `terminated` (a side is wiped out), `truncated` (time
+    limit), `won`, `restarted` (E,), and `final_obs`, `final_state` before a finished game restarts in place."""
 
     def __init__(self, map_name: str, num_envs: int, seed: int, device: torch.device, max_steps: Optional[int] = None):
         import jax
@@ -226,7 +204,7 @@ class SMAXEnvs:
             from jaxmarl import make
             from jaxmarl.environments.smax import map_name_to_scenario
         self.jax, self.jnp, self.device, self.num_envs = jax, jnp, device, num_envs
-        limit = {} if max_steps is None else {"max_steps": max_steps}
+        limit = {} if max_steps is None else {"max_steps": max_steps}  # SMAX's own (100 steps) otherwise
         self.env = env = make("HeuristicEnemySMAX", scenario=map_name_to_scenario(map_name), **limit)
         self.num_agents = n = env.num_agents
         self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
@@ -263,8 +241,7 @@ class SMAXEnvs:
             return jax.jit(batched)
 
         self._reset, self._step = many(reset), many(step)
-        self.key = jax.random.PRNGKey(seed)
-        first = self.reset()
+        first = self.reset(seed)
         self.state_dim = first["state"].shape[-1]
         self.step(first["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
         self.key = jax.random.PRNGKey(seed)
@@ -273,8 +250,7 @@ class SMAXEnvs:
         return {name: torch.from_dlpack(x).to(self.device) for name, x in zip(names, arrays, strict=True)}
 
     def reset(self, seed: Optional[int] = None) -> dict:
-        if seed is not None:
-            self.key = self.jax.random.PRNGKey(seed)
+        self.key = self.key if seed is None else self.jax.random.PRNGKey(seed)
         self.key, self.states, arrays = self._reset(self.key)
         return self._to_torch(arrays, RESET_KEYS)
 
@@ -288,10 +264,9 @@ class SMAXEnvs:
 
 
 class SC2Envs:
-    """`num_envs` StarCraft II games (smac's StarCraft2Env), one game process each, stepped in turn, with the
-    interface of SMAXEnvs. A game whose process crashes is closed and started again and training goes on: the
-    episode it was playing is lost (it ends there as a truncation and is not counted as an episode), and the
-    restart is counted in `restarts`. `make_game(i)` builds game i (smac's game, or a stand-in in the tests)."""
+    """`num_envs` StarCraft II games (`make_game(i)`: smac's StarCraft2Env, or a stand-in), stepped in turn, with the
+    interface of SMAXEnvs. A game whose process crashes is started again: its episode is lost (a truncation, not
+    counted as an episode), the restart counted in `restarts`, and training goes on."""
 
     def __init__(self, make_game: Callable[[int], Any], num_envs: int, device: torch.device):
         self.make_game, self.device, self.num_envs, self.restarts = make_game, device, num_envs, 0
@@ -310,8 +285,7 @@ class SC2Envs:
         columns = [torch.as_tensor(np.stack(column), device=self.device) for column in zip(*rows, strict=True)]
         return dict(zip(names, columns, strict=True))
 
-    def reset(self, seed: Optional[int] = None) -> dict:
-        """New episodes in every game (StarCraft II takes its seeds when a game starts, so seed is unused)."""
+    def reset(self, seed: Optional[int] = None) -> dict:  # StarCraft II takes its seeds when a game starts
         for game in self.games:
             game.reset()
         self.last = [self._observe(i) for i in range(len(self.games))]
@@ -326,15 +300,13 @@ class SC2Envs:
                 print(f"warning: StarCraft II game {i} crashed ({error!r:.200}); restarting it", file=sys.stderr)
                 with contextlib.suppress(Exception):
                     self.games[i].close()
-                self.games[i] = self.make_game(i)
-                reward, done, info = 0.0, True, {}
+                self.games[i], reward, done, info = self.make_game(i), 0.0, True, {}
             restarted = done and not info  # smac also restarts a failed game itself, returning (0, True, {})
             self.restarts += restarted
             final = self.last[i] if restarted else self._observe(i)  # a lost episode ends at the last state seen
             if done:
                 self.games[i].reset()
-            truncated = done and (restarted or bool(info.get("episode_limit", False)))
-            won = bool(info.get("battle_won", False))
+            truncated, won = done and (restarted or bool(info.get("episode_limit"))), bool(info.get("battle_won"))
             self.last[i] = self._observe(i)
             rows.append((*self.last[i], reward, done and not truncated, truncated, won, *final[:2], restarted))
         out = self._batch(rows, STEP_KEYS + ("restarted",))
@@ -386,8 +358,7 @@ def act(actors: nn.ModuleList, obs: Tensor, avail: Tensor, deterministic: bool =
 
 
 def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
-    """The critic's input (..., C, D): EP is the global state (C = 1); FP joins the state with each agent's
-    observation and one-hot id (C = N agents, one value each)."""
+    """The critic's input (..., C, D): EP the state (C = 1); FP the state, each agent's observation and one-hot id."""
     if state_type == "EP":
         return state.unsqueeze(-2)
     num_agents = obs.shape[-2]
@@ -465,15 +436,9 @@ def actor_loss(
 
 
 def critic_loss(
-    newvalue: Tensor,
-    oldvalue: Tensor,
-    returns: Tensor,
-    clip_coef: float,
-    clip_vloss: bool,
-    huber_delta: Optional[float],
+    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
 ) -> Tensor:
-    """Per sample, the Huber (or squared) error of the normalized value, the worse of clipped and unclipped when
-    clip_vloss."""
+    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
     predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
     if huber_delta is None:
@@ -497,11 +462,8 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
 def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay_dir: str = "") -> Any:
     if args.backend == "smax":
         return SMAXEnvs(args.env_id, num_envs, seed, device, args.max_steps)
-    from smac.env import StarCraft2Env
-
-    return SC2Envs(
-        lambda i: StarCraft2Env(map_name=args.env_id, seed=seed + i, replay_dir=replay_dir), num_envs, device
-    )
+    game = importlib.import_module("smac.env").StarCraft2Env
+    return SC2Envs(lambda i: game(map_name=args.env_id, seed=seed + i, replay_dir=replay_dir), num_envs, device)
 
 
 def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: int) -> None:
@@ -510,7 +472,6 @@ def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: 
     from jaxmarl.viz.visualizer import SMAXVisualizer
 
     matplotlib.rcParams["animation.writer"] = "pillow"  # GIFs without ffmpeg
-
     env, jax, jnp = envs.env, envs.jax, envs.jnp
     key, key_reset = jax.random.split(jax.random.PRNGKey(seed))
     _, state = env.reset(key_reset)
@@ -529,8 +490,7 @@ def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: 
 
 
 def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str] = None) -> tuple:
-    """Team returns and wins of deterministic episodes on envs, evaluation environments: SMAX plays all at once, one
-    game each; StarCraft II one after another in one game."""
+    """Team returns and wins of deterministic episodes on evaluation envs (SMAX: one per game; sc2: all in one game)."""
     returns, wins = [], []
     episodes = np.zeros(envs.num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
     episode_returns = torch.zeros(envs.num_envs, device=envs.device)
@@ -574,7 +534,11 @@ def load_checkpoint(args: Args) -> dict:
 
 if __name__ == "__main__":
     args = parse_args()
-    jax_settings(args.cuda and torch.cuda.is_available())
+    # read by XLA when jax is first imported: GPU memory left to torch; on the CPU, one thread beside torch's
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not (args.cuda and torch.cuda.is_available()):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     if (problem := check_args(args)) is not None:
         fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
@@ -594,7 +558,6 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
-
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -603,11 +566,11 @@ if __name__ == "__main__":
     # env setup: SMAX compiles its step here; StarCraft II starts one game per environment
     try:
         envs = make_envs(args, device, args.num_envs, args.seed)
-        next_ = envs.reset()
-    except Exception as error:
-        if args.backend == "smax":
-            raise
-        fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
+    except Exception as error:  # StarCraft II missing or broken (SMAX's own errors keep their traceback)
+        if args.backend == "sc2":
+            fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
+        raise
+    next_ = envs.reset()
     # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
     writer.add_text(
@@ -741,22 +704,20 @@ if __name__ == "__main__":
             writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
             writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
             writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
-            variance = (m_used * a_advantages)[b_active[:, agent] > 0].var().nan_to_num()  # over the living agents
-            writer.add_scalar(f"lv/adv_variance_{k}", variance.item(), global_step)
+            a_mask = b_active[:, agent]  # the living agent's samples: a dead agent's forced no-op teaches nothing
+            writer.add_scalar(
+                f"lv/adv_variance_{k}", (m_used * a_advantages)[a_mask > 0].var().nan_to_num(), global_step
+            )
 
             actor, optimizer = actors[agent], actor_optimizers[agent]
-            a_obs, a_avail, a_actions = b_obs[:, agent], b_avail[:, agent], b_actions[:, agent]
-            a_logprobs, a_mask = b_logprobs[:, agent], b_active[:, agent]  # a dead agent's no-op teaches nothing
+            a_obs, a_avail, a_actions, a_logprobs = (x[:, agent] for x in (b_obs, b_avail, b_actions, b_logprobs))
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
                     dist = actor.distribution(a_obs[mb_inds], a_avail[mb_inds])
-                    newlogprob, entropy_loss = (
-                        dist.log_prob(a_actions[mb_inds]),
-                        masked_mean(dist.entropy(), a_mask[mb_inds]),
-                    )
                     mb_adv, mb_factor, mb_mask = a_advantages[mb_inds], m_used[mb_inds], a_mask[mb_inds]
+                    newlogprob, entropy_loss = dist.log_prob(a_actions[mb_inds]), masked_mean(dist.entropy(), mb_mask)
                     pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, mb_mask, args.clip_coef)
                     loss = pg_loss - args.ent_coef * entropy_loss
                     skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
@@ -769,8 +730,7 @@ if __name__ == "__main__":
                 ratio = logratio.exp()
                 logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, a_mask).item())
                 logs["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), a_mask).item())
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over (not a dead
-                # agent's ratio, whose forced no-op says nothing)
+                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k} (unclipped; 1 for a dead agent's forced no-op)
                 factor = factor * torch.where(a_mask > 0, ratio, torch.ones_like(ratio))
 
         # ALGO LOGIC: critic update on the normalized returns
@@ -809,9 +769,8 @@ if __name__ == "__main__":
             for name, values in zip(("episodic_return", "win_rate"), evaluate(actors, eval_envs, args), strict=True):
                 writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         progress.update(args.batch_size)
-        progress.write(
-            f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
-        )
+        line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
+        progress.write(line)
         sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
@@ -831,10 +790,10 @@ if __name__ == "__main__":
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
     if args.eval_every or args.save_model or args.capture_video:
-        episodic_returns, wins = evaluate(actors, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
+        results = evaluate(actors, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
+        for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
+            writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
+        print(f"eval: mean episodic_return={np.mean(results[0]):.2f}, win_rate={np.mean(results[1]):.2f}")
         eval_envs.close()
-        writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
-        writer.add_scalar("eval/win_rate", np.mean(wins), global_step)
-        print(f"eval: mean episodic_return={np.mean(episodic_returns):.2f}, win_rate={np.mean(wins):.2f}")
 
     writer.close()

@@ -393,15 +393,9 @@ def trpo_step(actor: Actor, obs: Tensor, actions: Tensor, oldlogprob: Tensor, ad
 
 
 def critic_loss(
-    newvalue: Tensor,
-    oldvalue: Tensor,
-    returns: Tensor,
-    clip_coef: float,
-    clip_vloss: bool,
-    huber_delta: Optional[float],
+    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
 ) -> Tensor:
-    """Per sample, the Huber (or squared) error of the normalized value, the worse of clipped and unclipped when
-    clip_vloss."""
+    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
     predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
     if huber_delta is None:
@@ -487,7 +481,6 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
-
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
