@@ -85,8 +85,8 @@ def script_args(script: str, flags: list):
 
 def adapter_args(args) -> tuple:
     """The arguments of an MPE or MaMuJoCo script's `make_env` and `MultiAgentArrays` for its parsed flags."""
-    if hasattr(args, "agent_conf"):  # MaMuJoCo
-        return (args.env_id, args.agent_conf, args.agent_obsk, args.global_obs, args.max_episode_steps)
+    if hasattr(args, "agent_conf"):  # MaMuJoCo: the adapter reads its flags
+        return (args,)
     return (args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
 
 
@@ -107,7 +107,8 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
     while done < steps:
         if isinstance(single, gym.spaces.Box):  # the padded box is unbounded: sample the agents' own bounds
             env = envs.envs[0]
-            actions = rng.uniform(env.act_low[0][0], env.act_high[0][0], (args.num_envs,) + single.shape)
+            low, high = env.act_spaces[0].low[0], env.act_spaces[0].high[0]
+            actions = rng.uniform(low, high, (args.num_envs,) + single.shape)
             actions = actions.astype(np.float32)
         else:
             actions = envs.action_space.sample()
@@ -157,7 +158,8 @@ def library_sps(script: str, flags: list, steps: int) -> Optional[float]:
 def raw_smax_sps(module, args, steps: int) -> float:
     import torch
 
-    module.jax_settings(cuda=False)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as the script sets them: one XLA thread on the CPU
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     torch.set_num_threads(1)
     envs = module.SMAXEnvs(args.env_id, args.num_envs, 0, torch.device("cpu"))  # compiled on construction
     out, generator = envs.reset(), torch.Generator().manual_seed(0)
@@ -175,7 +177,7 @@ def raw_vmas_sps(module, args, steps: int) -> float:
 
     torch.set_num_threads(args.torch_threads)
     cpu = torch.device("cpu")
-    envs = module.VMASEnvs(args.env_id, args.num_agents, True, args.num_envs, args.max_steps, 0, cpu)
+    envs = module.VMASEnvs(args, args.num_envs, 0, cpu)
     envs.reset()
     shape, generator = (args.num_envs, len(envs.agents), max(envs.act_dims)), torch.Generator().manual_seed(0)
     start, done = time.perf_counter(), 0

@@ -12,18 +12,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# as lv_happo_smac.py sets them before jax is first imported: jax on the CPU, one XLA thread
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 
 def run_script(script: str, *flags: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python script flags...` in cwd (where runs/ and videos/ land) on the CPU, without a display."""
     env = dict(os.environ, SDL_VIDEODRIVER="dummy", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *flags],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [sys.executable, str(ROOT / script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -65,12 +63,30 @@ def assert_logged_and_finite(scalars: dict, tags: list) -> None:
         assert all(math.isfinite(value) for _, value in scalars[tag]), tag
 
 
+def assert_contract(scalars: dict, num_agents: int, steps: list) -> None:
+    """The logging contract, per position k < num_agents and no further, at these global steps; the first agent
+    updated always sees M = 1, and with the clipped factor no later position has a larger M * A variance."""
+    assert_logged_and_finite(scalars, CONTRACT + [tag.format(k) for tag in PER_POSITION for k in range(num_agents)])
+    assert not any(tag.endswith(f"_{num_agents}") for tag in scalars if tag.startswith("lv/"))
+    assert [step for step, _ in scalars["charts/SPS"]] == steps
+    assert all(value == 1.0 for _, value in scalars["lv/factor_max_0"])
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str, cwd: Path) -> None:
     """A non-zero exit with one line on stderr that contains message, no traceback, and nothing started."""
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (cwd / "runs").exists()
+
+
+def flag_error(module, *flags: str) -> str:
+    """The one-line error a script gives for these flags (its parser's or its checks'), or '' if it accepts them."""
+    try:
+        args = module.parse_args(list(flags))
+    except SystemExit as exit_:
+        return str(exit_.code)
+    return module.check_args(args) or ""
 
 
 def random_policy_returns(env, episodes: int, low: float, high: float) -> list:

@@ -161,3 +161,22 @@ def test_throughput_library_baseline(setting):
         assert sps is None
     else:
         assert np.isfinite(sps) and sps > 0
+
+
+def test_a_cut_short_run_goes_on_from_its_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "paper-mpe-spread-n3/lv/seed1"
+    (folder / "runs/simple_spread_v3_n3__lv_happo_mpe__1__7").mkdir(parents=True)
+    (folder / "runs/simple_spread_v3_n3__lv_happo_mpe__1__7/checkpoint.pt").write_bytes(b"")
+    assert run.resume_flags(folder) == ["--resume", "runs/simple_spread_v3_n3__lv_happo_mpe__1__7/checkpoint.pt"]
+    assert run.resume_flags(tmp_path / "elsewhere") == []
+    run.main(
+        ["--settings", "paper-mpe-spread-n3", "--variants", "lv", "--seeds", "1", "--out", str(tmp_path), "--dry-run"]
+    )
+    out = capsys.readouterr().out
+    assert "--eval-every 25 --checkpoint-every 25" in out and "--resume runs/" in out
+
+
+@pytest.mark.parametrize("setting", ["mpe-n2", "mamujoco-halfcheetah-6x1", "vmas-n3"])
+def test_throughput_raw_stepping(setting):
+    script, flags = throughput.SETTINGS[setting]
+    assert throughput.raw_sps(script, flags, 64) > 0

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    CONTRACT,
-    PER_POSITION,
+    assert_contract,
     assert_logged_and_finite,
-    assert_one_line_error,
+    flag_error,
     only_run_dir,
     random_policy_returns,
     read_scalars,
@@ -21,24 +20,29 @@ SCRIPT = "lv_happo_mamujoco.py"
 TINY = ("--total-timesteps", "400", "--num-envs", "2", "--num-steps", "100", "--update-epochs", "2")
 
 
+def env(*flags: str, render_mode=None) -> "lv.MultiAgentArrays":
+    return lv.MultiAgentArrays(lv.parse_args(list(flags)), render_mode)
+
+
 def test_heterogeneous_partition_is_padded():
-    env = lv.MultiAgentArrays("Humanoid", "9|8", 1, False, 1000)
-    assert env.act_dims == [9, 8] and env.obs_dims[0] != env.obs_dims[1]
-    obs, _ = env.reset(seed=0)
-    assert obs["obs"].shape == (2, max(env.obs_dims)) and obs["state"].shape == (348,)
-    small = int(np.argmin(env.obs_dims))
-    assert np.all(obs["obs"][small, env.obs_dims[small] :] == 0)
-    actors = lv.build_actors(env, lv.parse_args([]))
-    action, logprob = lv.BatchedActors(actors).act(torch.as_tensor(obs["obs"][None]))
+    humanoid = env("--env-id", "Humanoid", "--agent-conf", "9|8")
+    assert humanoid.act_dims == [9, 8] and humanoid.obs_dims[0] != humanoid.obs_dims[1]
+    obs, _ = humanoid.reset(seed=0)
+    assert obs["obs"].shape == (2, max(humanoid.obs_dims)) and obs["state"].shape == (348,)
+    small = int(np.argmin(humanoid.obs_dims))
+    assert np.all(obs["obs"][small, humanoid.obs_dims[small] :] == 0)
+    dims = zip(humanoid.obs_dims, humanoid.act_dims, strict=True)
+    actors = torch.nn.ModuleList(lv.Actor(o, a, (16,), "sigmoid") for o, a in dims)
+    action, logprob = lv.act(actors, torch.as_tensor(obs["obs"][None]))
     assert action.shape == (1, 2, 9) and torch.all(action[0, 1, 8:] == 0) and logprob.shape == (1, 2)
     dist = actors[1].distribution(torch.as_tensor(obs["obs"][None, 1]))
-    torch.testing.assert_close(actors[1].log_prob_entropy(dist, action[:, 1])[0], logprob[:, 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dist.log_prob(action[:, 1, :8]), logprob[:, 1])
 
 
 def test_global_obs_is_state_plus_one_hot_id():
-    env = lv.MultiAgentArrays("HalfCheetah", "6x1", 1, True, 1000)
-    obs, _ = env.reset(seed=0)
-    assert env.obs_dims == [17 + 6] * 6 and obs["obs"].shape == (6, 23)
+    cheetah = env("--global-obs")
+    obs, _ = cheetah.reset(seed=0)
+    assert cheetah.obs_dims == [17 + 6] * 6 and obs["obs"].shape == (6, 23)
     for i in range(6):
         np.testing.assert_array_equal(obs["obs"][i, :17], obs["state"])
         np.testing.assert_array_equal(obs["obs"][i, 17:], np.eye(6)[i])
@@ -46,30 +50,30 @@ def test_global_obs_is_state_plus_one_hot_id():
 
 def test_local_obs_follow_agent_obsk():
     # HalfCheetah 6x1: agent_obsk 0 sees its own joint only, 1 sees its neighbours too
-    near = lv.MultiAgentArrays("HalfCheetah", "6x1", 0, False, 1000)
-    far = lv.MultiAgentArrays("HalfCheetah", "6x1", 1, False, 1000)
+    near, far = env("--agent-obsk", "0"), env("--agent-obsk", "1")
     assert all(a < b for a, b in zip(near.obs_dims, far.obs_dims, strict=True))
     assert far.obs_dims == [9, 9, 8, 9, 9, 8]
 
 
 def test_actions_are_clipped_to_bounds_when_sent():
-    env = lv.MultiAgentArrays("Humanoid", "9|8", 1, False, 1000)  # Humanoid's bound is 0.4
-    env.reset(seed=0)
-    sent, original_step = [], env.env.step
+    humanoid = env("--env-id", "Humanoid", "--agent-conf", "9|8")  # Humanoid's bound is 0.4
+    humanoid.reset(seed=0)
+    sent, original_step = [], humanoid.env.step
 
     def record(actions: dict):
         sent.append(actions)
         return original_step(actions)
 
-    env.env.step = record
-    env.step(np.full((2, 9), 3.0, np.float32))
+    humanoid.env.step = record
+    humanoid.step(np.full((2, 9), 3.0, np.float32))
     assert np.allclose(sent[0]["agent_0"], 0.4) and sent[0]["agent_1"].shape == (8,)
 
 
 def test_truncation_keeps_the_true_final_state():
     # a 5-step time limit: the vector env resets in the same step and hands over the final state
     envs = gym.vector.SyncVectorEnv(
-        [lv.make_env("HalfCheetah", "2x3", 1, False, 5)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        [lv.make_env(lv.parse_args(["--agent-conf", "2x3", "--max-episode-steps", "5"]))],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     obs, _ = envs.reset(seed=0)
     for t in range(5):
@@ -93,33 +97,23 @@ def test_gae_bootstraps_truncation_not_termination():
 
 
 def test_falling_terminates_without_truncation():
-    env = lv.MultiAgentArrays("Hopper", "3x1", 1, False, 1000)
-    env.reset(seed=0)
+    hopper = env("--env-id", "Hopper", "--agent-conf", "3x1")
+    hopper.reset(seed=0)
     rng = np.random.default_rng(0)
     for t in range(1000):
-        _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, (3, 1)).astype(np.float32))
+        _, _, terminated, truncated, _ = hopper.step(rng.uniform(-1, 1, (3, 1)).astype(np.float32))
         if terminated or truncated:
             break
     assert terminated and not truncated and t < 999
 
 
-@pytest.mark.parametrize(
-    "flags, num_agents",
-    [
-        (("--env-id", "HalfCheetah", "--agent-conf", "6x1", "--max-episode-steps", "60", "--save-model"), 6),
-        (("--env-id", "Ant", "--agent-conf", "4x2", "--max-episode-steps", "60"), 4),
-        (("--env-id", "Humanoid", "--agent-conf", "9|8", "--global-obs", "--max-episode-steps", "60"), 2),
-    ],
-)
-def test_end_to_end_logs_the_contract(tmp_cwd, flags, num_agents):
-    result = run_script(SCRIPT, *TINY, *flags, "--eval-episodes", "1", cwd=tmp_cwd)
+def test_end_to_end_logs_the_contract(tmp_cwd):
+    flags = ("--env-id", "Humanoid", "--agent-conf", "9|8", "--global-obs", "--max-episode-steps", "60")
+    result = run_script(SCRIPT, *TINY, *flags, "--save-model", "--eval-episodes", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     scalars = read_scalars(only_run_dir(tmp_cwd))
-    expected = CONTRACT + [tag.format(k) for tag in PER_POSITION for k in range(num_agents)]
-    if "--save-model" in flags:
-        expected.append("eval/episodic_return")
-    assert_logged_and_finite(scalars, expected)
-    assert [step for step, _ in scalars["charts/SPS"]] == [200, 400]
+    assert_contract(scalars, 2, [200, 400])
+    assert_logged_and_finite(scalars, ["eval/episodic_return"])
     assert all(value <= 60 for _, value in scalars["charts/episodic_length"])  # the time limit, or a fall
 
 
@@ -132,28 +126,29 @@ def test_capture_video_without_renderer_is_a_warning_not_a_crash(tmp_cwd, monkey
     )
     assert result.returncode == 0, result.stderr
     assert "eval/episodic_return" in read_scalars(only_run_dir(tmp_cwd))
-    assert not list(tmp_cwd.rglob("*.mp4")) and "MuJoCo cannot render off-screen" in result.stderr
+    assert not list(tmp_cwd.rglob("*.mp4")) and "MuJoCo cannot render with MUJOCO_GL=glfw" in result.stderr
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (("--env-id", "Nope"), "unknown --env-id"),
+        (("--env-id", "Nope"), "unknown --env-id 'Nope'"),
         (("--env-id", "HalfCheetah", "--agent-conf", "5x1"), "HalfCheetah has no partition --agent-conf '5x1'"),
         (("--env-id", "Ant", "--agent-conf", "9|8"), "Ant has no partition"),
-        (("--agent-obsk", "-1"), "--agent-obsk must be at least 0"),
-        (("--learning-rate", "-1"), "--learning-rate must be positive"),
-        (("--num-agents", "3"), "Unrecognized options"),
+        (("--agent-obsk", "-1"), "--agent-obsk must be a finite number, not negative"),
+        (("--max-episode-steps", "0"), "--max-episode-steps must be a positive number"),
+        (("--clip-coef", "nan"), "--clip-coef must be a positive number, got nan"),
+        (("--num-agents", "3"), "Unrecognized options: --num-agents"),
     ],
 )
-def test_bad_input_is_one_line_without_traceback(tmp_cwd, flags, message):
-    assert_one_line_error(run_script(SCRIPT, *flags, cwd=tmp_cwd, timeout=60), message, tmp_cwd)
+def test_bad_flags_are_refused(flags, message):
+    assert message in flag_error(lv, *flags)
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
     episode_steps = 200
-    env = lv.MultiAgentArrays("HalfCheetah", "2x3", 1, False, episode_steps)
-    random_returns = random_policy_returns(env, 20, -1, 1)
+    cheetah = env("--agent-conf", "2x3", "--max-episode-steps", str(episode_steps))
+    random_returns = random_policy_returns(cheetah, 20, -1, 1)
     flags = ("--agent-conf", "2x3", "--max-episode-steps", str(episode_steps), "--total-timesteps", "100000")
     result = run_script(SCRIPT, *flags, "--seed", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr

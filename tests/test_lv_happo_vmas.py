@@ -1,20 +1,11 @@
-"""Tests of lv_happo_vmas.py: the batched adapter, its resets and bootstrapping, the loss against the MPE script's,
-then the script run as a user runs it."""
+"""Tests of lv_happo_vmas.py: the batched adapter, its resets and bootstrapping, then the script run as a user runs
+it (what it shares with lv_happo_mpe.py, textually the same, is tested there)."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    CONTRACT,
-    PER_POSITION,
-    assert_logged_and_finite,
-    assert_one_line_error,
-    only_run_dir,
-    read_scalars,
-    run_script,
-)
+from conftest import assert_contract, flag_error, only_run_dir, read_scalars, run_script
 
-import lv_happo_mpe
 import lv_happo_vmas as lv
 
 SCRIPT = "lv_happo_vmas.py"
@@ -22,9 +13,13 @@ TINY = ("--total-timesteps", "1600", "--num-envs", "32", "--num-steps", "25")
 CPU = torch.device("cpu")
 
 
+def vmas_envs(*flags: str, num_envs: int) -> "lv.VMASEnvs":
+    return lv.VMASEnvs(lv.parse_args(list(flags)), num_envs, 0, CPU)
+
+
 @pytest.mark.parametrize("env_id", lv.SHARED_REWARD + ("navigation", "dispersion"))
 def test_team_reward_is_the_shared_reward_or_the_sum(env_id):
-    envs = lv.VMASEnvs(env_id, None, True, 16, 30, 0, CPU)
+    envs = vmas_envs("--env-id", env_id, "--max-steps", "30", num_envs=16)
     envs.reset()
     torch.manual_seed(0)
     differ = False
@@ -38,7 +33,7 @@ def test_team_reward_is_the_shared_reward_or_the_sum(env_id):
 
 
 def test_padded_observations_and_joined_state():
-    envs = lv.VMASEnvs("simple_adversary", None, True, 4, None, 0, CPU)  # agents of different observation sizes
+    envs = vmas_envs("--env-id", "simple_adversary", num_envs=4)  # agents of different observation sizes
     obs, state = envs.reset()
     assert envs.obs_dims == [8, 10, 10] and obs.shape == (4, 3, 10) and state.shape == (4, 28)
     assert (obs[:, 0, 8:] == 0).all()
@@ -47,7 +42,7 @@ def test_padded_observations_and_joined_state():
 
 def test_environments_reset_on_their_own_and_bootstrap_exactly():
     gamma, lam = 0.9, 0.8
-    envs = lv.VMASEnvs("simple_spread", 3, True, 3, 4, 0, CPU)  # episodes of 4 steps
+    envs = vmas_envs("--num-agents", "3", "--max-steps", "4", num_envs=3)  # episodes of 4 steps
     _, state = envs.reset()
     envs.env.steps[1], envs.env.steps[2] = 1, 2  # environments 1 and 2 start into their episodes
     torch.manual_seed(0)
@@ -84,47 +79,21 @@ def test_environments_reset_on_their_own_and_bootstrap_exactly():
         torch.testing.assert_close(adv[:, env_idx], torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("continuous", [True, False])
-def test_one_agent_update_loss_equals_the_mpe_scripts(continuous):
-    torch.manual_seed(0)
-    obs, logprob_old = torch.randn(64, 14), torch.randn(64) * 0.1 - 1.0
-    actions = torch.randn(64, 2) if continuous else torch.randint(0, 5, (64,))
-    adv, factor, mask = torch.randn(64), torch.rand(64) * 2, (torch.rand(64) > 0.1).float()
-    losses = []
-    for module in (lv, lv_happo_mpe):
-        torch.manual_seed(1)
-        actor = module.Actor(14, 2 if continuous else 5, continuous, (32, 32), "sigmoid")
-        newlogprob, entropy = actor.log_prob_entropy(actor.distribution(obs), actions)
-        m_used = module.factor_used(factor, "clipped", 1.0)
-        loss = module.actor_loss(newlogprob, logprob_old, adv, m_used, mask, 0.2) - 0.01 * module.masked_mean(
-            entropy, mask
-        )
-        loss.backward()
-        losses.append((loss.item(), [p.grad.clone() for p in actor.parameters()]))
-    assert losses[0][0] == losses[1][0]
-    for grad_vmas, grad_mpe in zip(losses[0][1], losses[1][1], strict=True):
-        torch.testing.assert_close(grad_vmas, grad_mpe, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize(
     "env_id, flags, num_agents",
     [
-        ("simple_spread", ("--num-agents", "3", "--save-model", "--eval-episodes", "4"), 3),
-        ("balance", ("--factor", "raw"), 3),
-        ("simple_spread", ("--num-agents", "2", "--no-continuous-actions"), 2),
+        ("simple_spread", ("--num-agents", "3", "--save-model", "--eval-every", "1", "--eval-episodes", "4"), 3),
+        ("balance", ("--factor", "raw", "--no-continuous-actions"), 3),
     ],
 )
 def test_end_to_end_logs_the_contract(tmp_cwd, env_id, flags, num_agents):
     result = run_script(SCRIPT, "--env-id", env_id, *TINY, *flags, cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     scalars = read_scalars(only_run_dir(tmp_cwd))
-    per_position = [tag.format(k) for tag in PER_POSITION for k in range(num_agents)]
-    assert_logged_and_finite(scalars, CONTRACT + per_position)
-    assert [step for step, _ in scalars["charts/SPS"]] == [800, 1600]
+    assert_contract(scalars, num_agents, [800, 1600])
     if env_id == "simple_spread":  # every episode is truncated at 25 steps, all 32 environments at once
         assert [value for _, value in scalars["charts/episodic_length"]] == [25.0] * 64
-    if "--save-model" in flags:
-        assert len(scalars["eval/episodic_return"]) == 4
+        assert [step for step, _ in scalars["eval/episodic_return"]] == [800, 1600]
         assert "eval: mean episodic_return=" in result.stdout
 
 
@@ -139,18 +108,19 @@ def test_capture_video_writes_a_video(tmp_cwd):
     [
         (("--env-id", "simple_spreadd"), "unknown VMAS scenario --env-id 'simple_spreadd'"),
         (("--env-id", "simple_speaker_listener", "--num-agents", "4"), "simple_speaker_listener refuses"),
-        (("--num-agents", "0"), "--num-agents must be at least 1"),
-        (("--max-steps", "0"), "--max-steps must be at least 1"),
-        (("--learning-rate", "-1"), "--learning-rate must be positive"),
+        (("--num-agents", "0"), "--num-agents must be a positive number"),
+        (("--max-steps", "0"), "--max-steps must be a positive number"),
+        (("--factor-clip", "inf"), "--factor-clip must be a positive number, got inf"),
         (("--num-minibatches", "100000000"), "exceeds the batch"),
+        (("--vector-env", "async"), "Unrecognized options: --vector-env"),
     ],
 )
-def test_bad_input_is_one_line_without_traceback(tmp_cwd, flags, message):
-    assert_one_line_error(run_script(SCRIPT, *flags, cwd=tmp_cwd), message, tmp_cwd)
+def test_bad_flags_are_refused(flags, message):
+    assert message in flag_error(lv, *flags)
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
-    envs = lv.VMASEnvs("simple_spread", 3, True, 200, None, 0, CPU)
+    envs = vmas_envs("--num-agents", "3", num_envs=200)
     envs.reset()
     torch.manual_seed(0)
     random_return = torch.zeros(200)
@@ -158,9 +128,9 @@ def test_short_learning_run_beats_random_policy(tmp_cwd):
         random_return += envs.step(torch.rand(200, 3, 2) * 2 - 1)[2]
     random_return = random_return.mean().item()
 
-    result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "1024000", cwd=tmp_cwd, timeout=900)
+    result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "614400", cwd=tmp_cwd, timeout=900)
     assert result.returncode == 0, result.stderr
     scalars = read_scalars(only_run_dir(tmp_cwd))
-    last = [value for step, value in scalars["charts/episodic_return"] if step > 1024000 - 25600 * 4]
-    # about -129 against -142 here: 40 iterations are early days on VMAS's scale, but ten standard errors clear
-    assert np.mean(last) > random_return + 0.05 * abs(random_return), (np.mean(last), random_return)
+    last = [value for step, value in scalars["charts/episodic_return"] if step > 614400 - 25600 * 4]
+    # about -134 against -142 here (standard error 0.7): 24 iterations are early days on VMAS's scale
+    assert np.mean(last) > random_return + 4, (np.mean(last), random_return)
