@@ -91,8 +91,9 @@ def test_bad_flags_are_refused(flags, message):
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
     random_returns = random_policy_returns(lv.MultiAgentArrays("simple_spread_v3", 3, True, 25), 100, 0, 1)
-    result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "60000", "--seed", "1", cwd=tmp_cwd)
+    result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "100000", "--seed", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]
-    final = np.mean([value for step, value in returns if step > 50_000])
-    assert final > np.mean(random_returns) + 8, (final, np.mean(random_returns))
+    final = np.mean([value for step, value in returns if step > 90_000])  # 400 episodes: a standard error near 1
+    # about -68 against -78: the trust region moves slower than HAPPO's epochs at first
+    assert final > np.mean(random_returns) + 5, (final, np.mean(random_returns))
