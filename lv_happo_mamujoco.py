@@ -136,8 +136,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message: str) -> None:
-    """Ends the run with one line on stderr that says what to do, and exit status 1."""
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
@@ -152,8 +151,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
             raise
         report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
         report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
-        message = " ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split())
-        fail(f"{message} (see --help)")
+        fail(" ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split()) + " (see --help)")
 
 
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
@@ -276,22 +274,42 @@ class Actor(nn.Module):
         self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
     def distribution(self, obs: Tensor) -> Independent:
-        """The action distribution given padded observations (..., max_obs_dim), over all action dimensions."""
-        out = self.net(obs[..., : self.obs_dim])
-        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Independent(Normal(out, std.expand_as(out)), 1)
+        """The action distribution given padded observations (..., max_obs_dim)."""
+        return head(self.net(obs[..., : self.obs_dim]), self.std())
+
+    def std(self) -> Tensor:
+        """The Gaussian's state-independent std: HARL's 0.5 * sigmoid(p), or exp(p)."""
+        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
 
 
-@torch.no_grad()
+def head(out: Tensor, std: Tensor) -> Independent:
+    """The Gaussian of mean out and std (its log-probability and entropy summed over the action dimensions)."""
+    return Independent(Normal(out, std.expand_as(out)), 1)
+
+
+@torch.inference_mode()
 def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), log-probabilities (E, N)."""
-    max_act_dim = max(actor.act_dim for actor in actors)
-    actions, logprobs = [], []
-    for i, actor in enumerate(actors):  # each agent acts on its own observation with its own actor
-        dist = actor.distribution(obs[:, i])
+    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), log-probabilities (E, N). The agents of one shape
+    act in one pass through their layers' stacked weights (a loop over agents costs MPE a fifth of its speed)."""
+    max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [None] * len(actors), [None] * len(actors)
+    for obs_dim, act_dim in {(actor.obs_dim, actor.act_dim) for actor in actors}:
+        group = [i for i, actor in enumerate(actors) if (actor.obs_dim, actor.act_dim) == (obs_dim, act_dim)]
+        x = obs[:, group, :obs_dim].transpose(0, 1)  # (G, E, obs_dim): each agent its own observation
+        for layers in zip(*(actors[i].net for i in group), strict=True):  # the same layer of every agent of the group
+            if isinstance(layers[0], nn.ReLU):
+                x = x.relu()
+                continue
+            weight, bias = torch.stack([m.weight for m in layers]), torch.stack([m.bias for m in layers]).unsqueeze(1)
+            if isinstance(layers[0], nn.Linear):
+                x = torch.baddbmm(bias, x, weight.mT)
+            else:  # LayerNorm
+                x = F.layer_norm(x, x.shape[-1:]) * weight.unsqueeze(1) + bias
+        dist = head(x, torch.stack([actors[i].std() for i in group]).unsqueeze(1))
         action = dist.mode if deterministic else dist.sample()
-        logprobs.append(dist.log_prob(action))
-        actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)))
+        logprob = dist.log_prob(action)
+        action = F.pad(action, (0, max_act_dim - act_dim))  # zero padding
+        for j, i in enumerate(group):
+            actions[i], logprobs[i] = action[j], logprob[j]
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
 
@@ -375,10 +393,9 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        return False
-    optimizer.step()
-    return True
+    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        optimizer.step()
+    return finite
 
 
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
@@ -546,9 +563,8 @@ if __name__ == "__main__":
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminated, truncated, infos = envs.step(actions[step].cpu().numpy())
-            rewards[step] = torch.as_tensor(reward, device=device)
-            terminations[step] = torch.as_tensor(terminated, device=device)
-            truncations[step] = torch.as_tensor(truncated, device=device)
+            for buffer, value in ((rewards, reward), (terminations, terminated), (truncations, truncated)):
+                buffer[step] = torch.as_tensor(value, device=device)
             next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
             for env_idx in np.flatnonzero(truncated):
                 final_states[step, env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=device)
@@ -603,8 +619,7 @@ if __name__ == "__main__":
                     logs["entropy"].append(entropy_loss.item())
 
             with torch.no_grad():
-                newlogprob = actor.distribution(a_obs).log_prob(a_actions)
-                logratio = newlogprob - a_logprobs
+                logratio = actor.distribution(a_obs).log_prob(a_actions) - a_logprobs
                 ratio = logratio.exp()
                 logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
                 logs["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())

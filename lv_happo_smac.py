@@ -117,8 +117,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message: str) -> None:
-    """Ends the run with one line on stderr that says what to do, and exit status 1."""
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
@@ -133,8 +132,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
             raise
         report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
         report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
-        message = " ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split())
-        fail(f"{message} (see --help)")
+        fail(" ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split()) + " (see --help)")
 
 
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
@@ -453,10 +451,9 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        return False
-    optimizer.step()
-    return True
+    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        optimizer.step()
+    return finite
 
 
 def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay_dir: str = "") -> Any:
