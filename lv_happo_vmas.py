@@ -615,10 +615,10 @@ if __name__ == "__main__":
         writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
         sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/SPS", sps, global_step)
-        if recent_returns:
-            mean_return, recent_returns = np.mean(recent_returns), []
         for name, values in logs.items():  # means over agents, epochs and minibatches
             writer.add_scalar(f"losses/{name}", np.mean(values) if values else 0.0, global_step)
+        if recent_returns:
+            mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
         progress.update(args.batch_size)
