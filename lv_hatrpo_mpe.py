@@ -280,7 +280,7 @@ def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tupl
     """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim) or (E, N), log-probabilities (E, N). The agents of one
     shape act in one pass through their layers' stacked weights (a loop over agents costs MPE a fifth of its speed)."""
     max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [None] * len(actors), [None] * len(actors)
-    for obs_dim, act_dim in {(actor.obs_dim, actor.act_dim) for actor in actors}:
+    for obs_dim, act_dim in sorted({(actor.obs_dim, actor.act_dim) for actor in actors}):
         group = [i for i, actor in enumerate(actors) if (actor.obs_dim, actor.act_dim) == (obs_dim, act_dim)]
         x = obs[:, group, :obs_dim].transpose(0, 1)  # (G, E, obs_dim): each agent its own observation
         for layers in zip(*(actors[i].net for i in group), strict=True):  # the same layer of every agent of the group
