@@ -4,9 +4,10 @@
 
 Writes to --out: `curves.csv` (setting, variant, seed, step, eval_return, eval_win_rate: every deterministic
 evaluation the runs logged), `final.csv` (per setting and variant: the evaluation return at 1M, 2M, 5M and 10M steps,
-mean and std over seeds, the last evaluation's mean, std, IQM and its bootstrap interval, the published anchor at
-10M) and a figure per setting, `{setting}.png`: every seed's evaluation curve, the mean per variant, and the
-published anchors. Runs that have not finished (no `done` file) are drawn and listed with the step they reached.
+mean and std over the seeds that reached them; the last evaluation's mean, std, IQM and its bootstrap interval over
+the finished runs; the published anchor at 10M) and a figure per setting, `{setting}.png`: every seed's evaluation
+curve, the mean per variant, and the published anchors. Runs that have not finished (no `done` file) are drawn and
+listed with the step they reached.
 """
 
 import argparse
@@ -66,13 +67,14 @@ def final_rows(runs: list) -> list:
             group = [run for run in runs if run["setting"] == setting and run["variant"] == variant]
             partial = [f"seed {run['seed']} at {run['last_step']:,}" for run in group if not run["complete"]]
             row = {"setting": setting, "variant": variant, "metric": metric, "seeds": len(group)}
+            row["complete"] = sum(run["complete"] for run in group)
             row["partial"] = "; ".join(partial)
             for milestone in MILESTONES:
                 values = [value_at(evaluations(run, metric), milestone) for run in group]
                 values = [v for v in values if np.isfinite(v)]
                 row[f"mean_{milestone // 1_000_000}M"] = np.mean(values) if values else float("nan")
                 row[f"std_{milestone // 1_000_000}M"] = np.std(values, ddof=1) if len(values) > 1 else float("nan")
-            last = [evaluations(run, metric)[-1][1] for run in group if evaluations(run, metric)]
+            last = [evaluations(run, metric)[-1][1] for run in group if run["complete"] and evaluations(run, metric)]
             row["last_mean"] = np.mean(last) if last else float("nan")
             row["last_std"] = np.std(last, ddof=1) if len(last) > 1 else float("nan")
             row["last_iqm"], row["iqm_low"], row["iqm_high"] = iqm_with_ci(last) if len(last) >= 3 else (np.nan,) * 3
