@@ -1,5 +1,6 @@
 """Tests of benchmark/: the runner's grid, skip logic and Slurm script; the reader's numbers on synthetic runs."""
 
+import csv
 import shlex
 import subprocess
 import sys
@@ -180,3 +181,26 @@ def test_a_cut_short_run_goes_on_from_its_checkpoint(tmp_path, capsys):
 def test_throughput_raw_stepping(setting):
     script, flags = throughput.SETTINGS[setting]
     assert throughput.raw_sps(script, flags, 64) > 0
+
+
+def test_paper_reader_milestones_anchors_and_partial_runs(tmp_path):
+    import paper
+
+    grid, out = tmp_path / "grid", tmp_path / "out"
+    evals = [(step, -60.0 + step / 500_000) for step in range(500_000, 10_000_001, 500_000)]  # -59 at 0.5M ... -40
+    for seed, done in ((1, True), (2, True), (3, False)):
+        folder = grid / "paper-mpe-spread-n3" / "lv" / f"seed{seed}"
+        writer = SummaryWriter(str(folder / "runs" / f"x__lv__{seed}__0"))
+        for step, value in evals if done else evals[:4]:  # seed 3 stopped at 2M
+            writer.add_scalar("eval/episodic_return", value + seed, step)
+            writer.add_scalar("charts/SPS", 100.0, step)
+        writer.close()
+        if done:
+            (folder / "done").write_text("ok\n")
+    paper.main(["--grid", str(grid), "--out", str(out)])
+    (row,) = list(csv.DictReader(open(out / "final.csv")))
+    assert (row["seeds"], row["complete"], row["partial"]) == ("3", "2", "seed 3 at 2,000,000")
+    assert float(row["mean_2M"]) == pytest.approx(-56.0 + 2.0)  # seeds 1 to 3 reached 2M: -56 + (1, 2, 3)
+    assert float(row["mean_10M"]) == pytest.approx(-40.0 + 1.5)  # the finished seeds only
+    assert float(row["anchor_10M"]) == -28.0 and (out / "paper-mpe-spread-n3.png").stat().st_size > 0
+    assert len(list(csv.DictReader(open(out / "curves.csv")))) == 20 + 20 + 4
