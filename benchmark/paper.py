@@ -96,14 +96,15 @@ def plot(setting: str, runs: list, path: Path) -> None:
         ("tab:blue", "tab:orange", "tab:green"), sorted({r["variant"] for r in runs}), strict=False
     ):
         group = [run for run in runs if run["variant"] == variant and evaluations(run, metric)]
-        for run in group:
+        for run in group:  # every seed, a partial one too
             steps, values = zip(*evaluations(run, metric), strict=True)
             ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-        if group:
-            end = min(evaluations(run, metric)[-1][0] for run in group)
-            grid = np.array([s for s, _ in evaluations(group[0], metric) if s <= end])
-            mean = np.mean([[value_at(evaluations(run, metric), s) for s in grid] for run in group], axis=0)
-            ax.plot(grid, mean, color=colour, linewidth=2, label=f"{variant} (ours, {len(group)} seeds)")
+        finished = [run for run in group if run["complete"]] or group  # the mean over the finished runs
+        if finished:
+            end = min(evaluations(run, metric)[-1][0] for run in finished)
+            grid = np.array([s for s, _ in evaluations(finished[0], metric) if s <= end])
+            mean = np.mean([[value_at(evaluations(run, metric), s) for s in grid] for run in finished], axis=0)
+            ax.plot(grid, mean, color=colour, linewidth=2, label=f"{variant} (ours, mean of {len(finished)} runs)")
     if anchor:
         steps = sorted(anchor)
         ax.plot(steps, [anchor[s] for s in steps], "k--o", label=label)
