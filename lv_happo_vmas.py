@@ -376,8 +376,9 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
 
 
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
-    """Team returns of deterministic episodes, one per environment of a batch of their own, seeded apart from
-    training's; with video_folder, environment 0's episode is rendered into a video there."""
+    """Team returns of deterministic episodes, one per environment of a batch of their own (video: environment 0)."""
+    shared = importlib.import_module("vmas.simulator.environment").Environment.vmas_random_state
+    saved = list(shared)  # VMAS keeps one random state for all its environments: put training's back afterwards
     envs = VMASEnvs(args, args.eval_episodes, args.seed + 10_000, device)
     next_obs, _ = envs.reset()
     episode_returns = torch.zeros(args.eval_episodes, device=device)
@@ -394,6 +395,7 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
         episode_returns *= ~done
     if frames:
         save_video(frames, video_folder, fps=30, name_prefix=args.env_id)
+    shared[:] = saved
     return returns.tolist()
 
 

@@ -134,3 +134,16 @@ def test_short_learning_run_beats_random_policy(tmp_cwd):
     last = [value for step, value in scalars["charts/episodic_return"] if step > 614400 - 25600 * 4]
     # about -134 against -142 here (standard error 0.7): 24 iterations are early days on VMAS's scale
     assert np.mean(last) > random_return + 4, (np.mean(last), random_return)
+
+
+def test_evaluation_during_training_leaves_training_untouched(tmp_path):
+    # VMAS keeps one random state for all its environments: the evaluation batch must not move training's resets
+    flags = ("--num-envs", "16", "--num-steps", "25", "--max-steps", "10", "--total-timesteps", "1600", "--seed", "3")
+    logged = []
+    for name, extra in (("plain", ()), ("evaluated", ("--eval-every", "1", "--eval-episodes", "4"))):
+        (tmp_path / name).mkdir()
+        result = run_script(SCRIPT, *flags, *extra, cwd=tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        scalars = read_scalars(only_run_dir(tmp_path / name))
+        logged.append([scalars[tag] for tag in ("charts/episodic_return", "losses/policy_loss", "losses/value_loss")])
+    assert logged[0] == logged[1]
