@@ -674,7 +674,8 @@ if __name__ == "__main__":
         # bootstrap value if not done: values (T, E, C), C = N agents (FP) or 1 (EP)
         update_start = time.time()
         with torch.no_grad():
-            values = value(states, obs)  # (T, E, C)
+            critic_in = critic_inputs(states, obs, args.state_type)  # (T, E, C, critic_input_dim)
+            values = value_norm.denormalize(critic(critic_in).squeeze(-1))  # (T, E, C)
             next_value, final_values = value(next_["state"], next_["obs"]), value(final_states, final_obs)
             team = (rewards.unsqueeze(-1), terminations.unsqueeze(-1), truncations.unsqueeze(-1))  # (T, E, 1) each
             advantages = compute_gae(team[0], values, next_value, *team[1:], final_values, args.gamma, args.gae_lambda)
@@ -682,7 +683,7 @@ if __name__ == "__main__":
             value_norm.update(returns)
 
         b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avails, actions, logprobs))
-        b_active, b_critic_in = active_masks.flatten(0, 1), critic_inputs(states, obs, args.state_type).flatten(0, 1)
+        b_active, b_critic_in = active_masks.flatten(0, 1), critic_in.flatten(0, 1)
         b_returns, b_values = value_norm.normalize(returns.flatten(0, 1)), value_norm.normalize(values.flatten(0, 1))
         b_value_mask = b_active if args.state_type == "FP" else torch.ones_like(b_values)  # the living agents' values
         adv_mean = masked_mean(advantages.flatten(0, 1), b_value_mask)
