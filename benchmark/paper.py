@@ -25,6 +25,7 @@ MILESTONES = (1_000_000, 2_000_000, 5_000_000, 10_000_000)
 # its pettingzoo 1.22 counted self-collisions: -37.5 per episode at N = 3), SMAX MAPPO final win rates
 ANCHORS = {
     "paper-mpe-spread-n3": ("HARL HAPPO", "return", {1e6: -51.5, 2e6: -45.5, 5e6: -34.5, 10e6: -28.0}),
+    "paper-mpe-spread-n3-ent40": ("HARL HAPPO", "return", {1e6: -51.5, 2e6: -45.5, 5e6: -34.5, 10e6: -28.0}),
     "paper-mamujoco-halfcheetah-2x3": ("HARL HAPPO", "return", {1e6: 2900, 2e6: 4500, 5e6: 6000, 10e6: 7000}),
     "paper-smax-3s5z": ("MAPPO: JaxMARL 70 %, Mava 98 %", "win_rate", {10e6: 0.70}),
     "paper-smax-6h_vs_8z": ("MAPPO: JaxMARL 20 %, Mava 100 %", "win_rate", {10e6: 0.20}),

@@ -63,6 +63,11 @@ SETTINGS |= {
         + PAPER_COMMON,
     ),
 }
+# the same with the entropy bonus the paper's code applied to continuous actions: its sum over the 4,000-sample batch
+# of the coefficient 0.01 made an effective 40 on the mean (HARL issue #52; the README's entropy note)
+ENT40 = SETTINGS["paper-mpe-spread-n3"][1].copy()
+ENT40[ENT40.index("--ent-coef") + 1] = "40"
+SETTINGS["paper-mpe-spread-n3-ent40"] = ("lv_happo_mpe.py", ENT40)
 VARIANTS = {"lv": ["--factor", "clipped"], "happo": ["--factor", "raw"], "mappo": ["--factor", "none"]}
 
 

@@ -1,6 +1,7 @@
 """Tests of benchmark/: the runner's grid, skip logic and Slurm script; the reader's numbers on synthetic runs."""
 
 import csv
+import importlib
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,14 @@ def test_grid_expansion_and_commands():
     ]  # fmt: skip
     factors = {r["variant"]: r["command"][r["command"].index("--factor") + 1] for r in runs}
     assert factors == {"lv": "clipped", "happo": "raw", "mappo": "none"}
+
+
+@pytest.mark.parametrize("setting", sorted(run.SETTINGS))
+def test_every_setting_is_accepted_by_its_script(setting):
+    script, flags = run.SETTINGS[setting]
+    module = importlib.import_module(script[: -len(".py")])
+    for variant in run.VARIANTS.values():
+        assert module.check_args(module.parse_args([*flags, *variant, "--seed", "1"])) is None
 
 
 def test_existing_runs_are_skipped(tmp_path, capsys):
