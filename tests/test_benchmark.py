@@ -12,6 +12,7 @@ from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(ROOT / "benchmark"))
+import reference  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 import throughput  # noqa: E402
@@ -213,3 +214,10 @@ def test_paper_reader_milestones_anchors_and_partial_runs(tmp_path):
     assert float(row["mean_10M"]) == pytest.approx(-40.0 + 1.5)  # the finished seeds only
     assert float(row["anchor_10M"]) == -28.0 and (out / "paper-mpe-spread-n3.png").stat().st_size > 0
     assert len(list(csv.DictReader(open(out / "curves.csv")))) == 20 + 20 + 4
+
+
+def test_reference_controller_beats_random_actions():
+    positions, landmarks = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]), np.array([[1.1, 1.0], [2.0, 0.1], [0, 0.2]])
+    assert reference.greedy_assignment(positions, landmarks) == [2, 0, 1]
+    random, controller = (np.mean(reference.episode_returns(3, 5, policy)) for policy in ("random", "controller"))
+    assert controller > random + 30  # about -20 against -78 over 100 episodes

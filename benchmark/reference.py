@@ -1,0 +1,73 @@
+"""What bad and good look like on MPE simple_spread: uniformly random actions and a hand-written controller.
+
+    python benchmark/reference.py --num-agents 3 5 --episodes 100
+
+The controller assigns agents to landmarks once per episode, greedily by distance (the closest free pair first),
+and steers each agent to its landmark with a proportional push and velocity damping, u = gain * (landmark - p)
+- damping * v, as continuous actions of lv_happo_mpe.py's environment (mpe2's continuous actions are
+[no-op, -x, +x, -y, +y] push magnitudes in [0, 1]). Both run on the scripts' own environment, so the returns are
+in the units the scripts log (the sum of the agents' rewards over the 25-step episode).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lv_happo_mpe import MultiAgentArrays  # noqa: E402
+
+
+def greedy_assignment(positions: np.ndarray, landmarks: np.ndarray) -> list:
+    """Agent i -> landmark assignment[i], the closest free (agent, landmark) pair first."""
+    distances = np.linalg.norm(positions[:, None] - landmarks[None], axis=-1)
+    assignment, taken = [-1] * len(positions), set()
+    for flat in np.argsort(distances, axis=None):
+        agent, landmark = divmod(int(flat), len(landmarks))
+        if assignment[agent] < 0 and landmark not in taken:
+            assignment[agent] = landmark
+            taken.add(landmark)
+    return assignment
+
+
+def controller_actions(obs: np.ndarray, assignment: list, gain: float, damping: float) -> np.ndarray:
+    """obs (N, obs_dim) of simple_spread: [velocity, position, landmarks relative (2N), ...] -> actions (N, 5)."""
+    actions = np.zeros((len(obs), 5), np.float32)
+    for i, landmark in enumerate(assignment):
+        push = gain * obs[i, 4 + 2 * landmark : 6 + 2 * landmark] - damping * obs[i, 0:2]
+        actions[i, 1:] = np.clip([-push[0], push[0], -push[1], push[1]], 0.0, 1.0)
+    return actions
+
+
+def episode_returns(num_agents: int, episodes: int, policy: str, gain: float = 10.0, damping: float = 2.0) -> list:
+    env, rng, returns = MultiAgentArrays("simple_spread_v3", num_agents, True, 25), np.random.default_rng(0), []
+    for episode in range(episodes):
+        arrays, total, done = env.reset(seed=episode)[0], 0.0, False
+        obs = arrays["obs"]
+        landmarks = obs[0, 2:4] + obs[0, 4 : 4 + 2 * num_agents].reshape(num_agents, 2)
+        assignment = greedy_assignment(obs[:, 2:4], landmarks)
+        while not done:
+            if policy == "random":
+                actions = rng.uniform(0, 1, (num_agents, 5)).astype(np.float32)
+            else:
+                actions = controller_actions(arrays["obs"], assignment, gain, damping)
+            arrays, reward, terminated, truncated, _ = env.step(actions)
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def main(argv: list | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-agents", nargs="+", type=int, default=[3, 5])
+    parser.add_argument("--episodes", type=int, default=100)
+    args = parser.parse_args(argv)
+    for n in args.num_agents:
+        for policy in ("random", "controller"):
+            returns = episode_returns(n, args.episodes, policy)
+            print(f"simple_spread N={n} {policy}: mean return {np.mean(returns):.1f} over {len(returns)} episodes")
+
+
+if __name__ == "__main__":
+    main()
