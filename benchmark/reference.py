@@ -2,11 +2,12 @@
 
     python benchmark/reference.py --num-agents 3 5 --episodes 100
 
-The controller assigns agents to landmarks once per episode, greedily by distance (the closest free pair first),
-and steers each agent to its landmark with a proportional push and velocity damping, u = gain * (landmark - p)
-- damping * v, as continuous actions of lv_happo_mpe.py's environment (mpe2's continuous actions are
-[no-op, -x, +x, -y, +y] push magnitudes in [0, 1]). Both run on the scripts' own environment, so the returns are
-in the units the scripts log (the sum of the agents' rewards over the 25-step episode).
+The controller assigns agents to landmarks once per episode, greedily by distance (the closest free pair first);
+`nearest`, uncoordinated, sends each agent to the landmark nearest to it at the start. Both steer an agent to its
+landmark with a proportional push and velocity damping, u = gain * (landmark - p) - damping * v, as continuous
+actions of lv_happo_mpe.py's environment (mpe2's continuous actions are [no-op, -x, +x, -y, +y] push magnitudes
+in [0, 1]). All run on the scripts' own environment, so the returns are in the units the scripts log (the sum of
+the agents' rewards over the 25-step episode).
 """
 
 import argparse
@@ -47,6 +48,8 @@ def episode_returns(num_agents: int, episodes: int, policy: str, gain: float = 1
         obs = arrays["obs"]
         landmarks = obs[0, 2:4] + obs[0, 4 : 4 + 2 * num_agents].reshape(num_agents, 2)
         assignment = greedy_assignment(obs[:, 2:4], landmarks)
+        if policy == "nearest":
+            assignment = np.linalg.norm(obs[:, None, 2:4] - landmarks[None], axis=-1).argmin(1).tolist()
         while not done:
             if policy == "random":
                 actions = rng.uniform(0, 1, (num_agents, 5)).astype(np.float32)
@@ -64,7 +67,7 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=100)
     args = parser.parse_args(argv)
     for n in args.num_agents:
-        for policy in ("random", "controller"):
+        for policy in ("random", "nearest", "controller"):
             returns = episode_returns(n, args.episodes, policy)
             print(f"simple_spread N={n} {policy}: mean return {np.mean(returns):.1f} over {len(returns)} episodes")
 

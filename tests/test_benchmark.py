@@ -12,6 +12,7 @@ from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(ROOT / "benchmark"))
+import defaults  # noqa: E402
 import reference  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
@@ -221,3 +222,18 @@ def test_reference_controller_beats_random_actions():
     assert reference.greedy_assignment(positions, landmarks) == [2, 0, 1]
     random, controller = (np.mean(reference.episode_returns(3, 5, policy)) for policy in ("random", "controller"))
     assert controller > random + 30  # about -20 against -78 over 100 episodes
+
+
+def test_defaults_study_reads_one_grid_per_configuration(tmp_path):
+    steps = [100 * i for i in range(1, 11)]
+    for seed in (1, 2):
+        write_run(tmp_path / "grids" / "ent0.1", "mpe-spread-n3", "lv", seed, [(s, -50.0 - seed) for s in steps])
+    write_run(tmp_path / "grids" / "ent0.01", "mpe-spread-n3", "lv", 1, [(s, -60.0) for s in steps])
+    write_run(tmp_path / "grids" / "ent0.01", "mpe-spread-n3", "lv", 2, [(s, -70.0) for s in steps], done=False)
+    defaults.main(["--grids", str(tmp_path / "grids"), "--out", str(tmp_path / "out")])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "final.csv")))
+    assert [(r["configuration"], r["seeds"], r["per_seed"]) for r in rows] == [
+        ("ent0.01", "1", "-60.0"),  # the unfinished seed 2 is left out
+        ("ent0.1", "1 2", "-51.0 -52.0"),
+    ]
+    assert float(rows[1]["mean"]) == pytest.approx(-51.5) and (tmp_path / "out" / "mpe-spread-n3.png").stat().st_size
