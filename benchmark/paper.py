@@ -105,7 +105,7 @@ def plot(setting: str, runs: list, path: Path) -> None:
             end = min(evaluations(run, metric)[-1][0] for run in finished)
             grid = np.array([s for s, _ in evaluations(finished[0], metric) if s <= end])
             mean = np.mean([[value_at(evaluations(run, metric), s) for s in grid] for run in finished], axis=0)
-            ax.plot(grid, mean, color=colour, linewidth=2, label=f"{variant} (ours, mean of {len(finished)} runs)")
+            ax.plot(grid, mean, color=colour, linewidth=2, label=f"{variant} (ours, {runs_label(len(finished))})")
     if anchor:
         steps = sorted(anchor)
         ax.plot(steps, [anchor[s] for s in steps], "k--o", label=label)
@@ -118,6 +118,10 @@ def plot(setting: str, runs: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def runs_label(n: int) -> str:
+    return "1 run" if n == 1 else f"mean of {n} runs"
 
 
 def write_csv(rows: list, path: Path) -> None:
