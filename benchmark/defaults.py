@@ -10,13 +10,13 @@ and benchmark/reference.py's two controllers drawn for scale).
 """
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper import write_csv  # noqa: E402
 from reference import episode_returns  # noqa: E402
 from report import aggregate_curves, final_return, load_grid  # noqa: E402
 
@@ -79,10 +79,7 @@ def main(argv: list | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table(runs)
-    with open(out / "final.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "final.csv")
     lines = ["| setting | configuration | seeds | final return (mean ± std) | per seed |", "| --- " * 5 + "|"]
     for r in rows:
         std = "" if np.isnan(r["std"]) else f" ± {r['std']:.1f}"
