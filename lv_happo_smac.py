@@ -34,6 +34,8 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
     """if toggled, train on the GPU (SMAX steps there too when jax has a GPU backend); CPU with a warning if none"""
     track: bool = False
@@ -63,7 +65,6 @@ class Args:
     state_type: Literal["FP", "EP"] = "FP"
     """the critic's input: `FP` state, agent's observation and id (a value, an advantage per agent); `EP` the state"""
     total_timesteps: int = 2_000_000
-    """total joint environment steps of the experiment"""
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
     """the learning rate of the actors' and the critic's optimizers"""
@@ -554,6 +555,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
@@ -570,9 +572,8 @@ if __name__ == "__main__":
     next_ = envs.reset()
     # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
     # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
     if args.eval_every or args.save_model or args.capture_video:
         replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
@@ -596,9 +597,7 @@ if __name__ == "__main__":
     actions = torch.zeros((args.num_steps, args.num_envs, num_agents), dtype=torch.long, device=device)  # (T, E, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
     active_masks = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N): alive
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): the team reward
-    terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
-    truncations = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards, terminations, truncations = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
 
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}

@@ -32,6 +32,8 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
     """if toggled, train on the GPU (falls back to the CPU with a warning when there is none)"""
     track: bool = False
@@ -488,13 +490,13 @@ if __name__ == "__main__":
         wandb.init(**wandb_run, sync_tensorboard=True)
     # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
     writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
     if args.cuda and not torch.cuda.is_available():
@@ -527,9 +529,7 @@ if __name__ == "__main__":
     final_states = torch.zeros_like(states)  # true final state where an episode was truncated at step t
     actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)  # (T, E, N[, max_act_dim])
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): the team reward
-    terminations = torch.zeros((args.num_steps, args.num_envs), device=device)
-    truncations = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards, terminations, truncations = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
 
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
