@@ -1,13 +1,17 @@
-"""What bad and good look like on MPE simple_spread: uniformly random actions and a hand-written controller.
+"""What bad and good look like on simple_spread: uniformly random actions and hand-written controllers.
 
-    python benchmark/reference.py --num-agents 3 5 --episodes 100
+    python benchmark/reference.py --num-agents 3 5 --episodes 100           # mpe2 (lv_happo_mpe.py)
+    python benchmark/reference.py --vmas --num-agents 2 3 5 8 12              # VMAS (lv_happo_vmas.py)
 
 The controller assigns agents to landmarks once per episode, greedily by distance (the closest free pair first);
 `nearest`, uncoordinated, sends each agent to the landmark nearest to it at the start. Both steer an agent to its
 landmark with a proportional push and velocity damping, u = gain * (landmark - p) - damping * v, as continuous
 actions of lv_happo_mpe.py's environment (mpe2's continuous actions are [no-op, -x, +x, -y, +y] push magnitudes
 in [0, 1]). All run on the scripts' own environment, so the returns are in the units the scripts log (the sum of
-the agents' rewards over the 25-step episode).
+the agents' rewards over the 25-step episode). With `--vmas` the same three policies play VMAS's simple_spread
+through lv_happo_vmas.py's adapter, 1,000 episodes as one batch (its actions: a force in [-1, 1] per axis; its
+team reward: the shared reward, see that script), so the returns are in the units lv_happo_vmas.py logs; `fixed`
+sends agent i to landmark i.
 """
 
 import argparse
@@ -18,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lv_happo_mpe import MultiAgentArrays  # noqa: E402
+
+POLICIES = ("random", "nearest", "controller")
 
 
 def greedy_assignment(positions: np.ndarray, landmarks: np.ndarray) -> list:
@@ -61,14 +67,50 @@ def episode_returns(num_agents: int, episodes: int, policy: str, gain: float = 1
     return returns
 
 
+def vmas_episode_returns(
+    num_agents: int, episodes: int, policy: str, gain: float = 10.0, damping: float = 1.0, max_steps: int = 25
+) -> list:
+    """Returns of `episodes` VMAS simple_spread episodes played at once by `policy` (random, nearest, fixed or
+    controller). obs (E, N, obs_dim) of VMAS's spread: [position, velocity, landmarks relative (2N), others...]."""
+    import torch
+
+    import lv_happo_vmas
+
+    args = lv_happo_vmas.Args(num_agents=num_agents, max_steps=max_steps)
+    envs, rng = lv_happo_vmas.VMASEnvs(args, episodes, 0, torch.device("cpu")), np.random.default_rng(0)
+    obs = envs.reset(seed=0)[0].numpy()
+    landmarks = obs[:, :, None, 0:2] + obs[:, :, 4 : 4 + 2 * num_agents].reshape(episodes, num_agents, num_agents, 2)
+    distances = np.linalg.norm(obs[:, :, None, 0:2] - landmarks, axis=-1)  # (E, N agents, N landmarks)
+    assignment = {
+        "fixed": np.tile(np.arange(num_agents), (episodes, 1)),
+        "nearest": distances.argmin(-1),
+        "controller": np.array([greedy_assignment(o[:, 0:2], lm[0]) for o, lm in zip(obs, landmarks, strict=True)]),
+    }.get(policy)
+    total = np.zeros(episodes)
+    for _ in range(max_steps):
+        if policy == "random":
+            actions = rng.uniform(-1, 1, (episodes, num_agents, 2))
+        else:
+            relative = np.take_along_axis(obs[:, :, 4 : 4 + 2 * num_agents].reshape(episodes, num_agents, -1, 2),
+                                          assignment[:, :, None, None], axis=2)[:, :, 0]  # fmt: skip
+            actions = np.clip(gain * relative - damping * obs[:, :, 2:4], -1.0, 1.0)
+        next_obs, _, reward, *_ = envs.step(torch.as_tensor(actions, dtype=torch.float32))
+        obs, total = next_obs.numpy(), total + reward.numpy()
+    return total.tolist()
+
+
 def main(argv: list | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-agents", nargs="+", type=int, default=[3, 5])
-    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--episodes", type=int, default=None, help="100 (mpe2) or 1000 (VMAS)")
+    parser.add_argument("--vmas", action="store_true", help="VMAS's simple_spread instead of mpe2's")
     args = parser.parse_args(argv)
     for n in args.num_agents:
-        for policy in ("random", "nearest", "controller"):
-            returns = episode_returns(n, args.episodes, policy)
+        for policy in POLICIES[:2] + ("fixed",) + POLICIES[2:] if args.vmas else POLICIES:
+            if args.vmas:
+                returns = vmas_episode_returns(n, args.episodes or 1000, policy)
+            else:
+                returns = episode_returns(n, args.episodes or 100, policy)
             print(f"simple_spread N={n} {policy}: mean return {np.mean(returns):.1f} over {len(returns)} episodes")
 
 

@@ -237,3 +237,45 @@ def test_defaults_study_reads_one_grid_per_configuration(tmp_path):
         ("ent0.1", "1 2", "-51.0 -52.0"),
     ]
     assert float(rows[1]["mean"]) == pytest.approx(-51.5) and (tmp_path / "out" / "mpe-spread-n3.png").stat().st_size
+
+
+def test_vmas_reference_controller_beats_random_actions():
+    random, controller = (np.mean(reference.vmas_episode_returns(3, 64, policy)) for policy in ("random", "controller"))
+    assert controller > random + 30  # about -82 against -145 over 1,000 episodes
+
+
+def test_scaling_reader_intervals_variance_and_partial_runs(tmp_path):
+    import scaling
+
+    grid, out = tmp_path / "grid", tmp_path / "out"
+    for n in (2, 3):
+        for variant, level in (("lv", -50.0), ("happo", -60.0)):
+            for seed in (1, 2, 3):
+                folder = grid / f"scaling-vmas-spread-n{n}" / variant / f"seed{seed}"
+                writer = SummaryWriter(str(folder / "runs" / f"x__{variant}__{seed}__0"))
+                last = 3 if (n, variant, seed) != (3, "happo", 3) else 1  # that run stopped early
+                for step in range(1, last + 1):
+                    writer.add_scalar("eval/episodic_return", level * n + seed + step, 1000 * step)
+                    writer.add_scalar("charts/SPS", 100.0, 1000 * step)
+                    for k in range(n):
+                        growth = 10.0**k if variant == "happo" else 0.5
+                        writer.add_scalar(f"lv/adv_variance_{k}", growth, 1000 * step)
+                        writer.add_scalar(f"lv/factor_max_{k}", 2.0 * growth, 1000 * step)
+                        writer.add_scalar(f"lv/factor_clip_fraction_{k}", 0.1, 1000 * step)
+                writer.close()
+                if last == 3:
+                    (folder / "done").write_text("ok\n")
+    (tmp_path / "reference.txt").write_text("simple_spread N=3 controller: mean return -82.4 over 1000 episodes\n")
+    scaling.main(["--grid", str(grid), "--out", str(out), "--reference", str(tmp_path / "reference.txt")])
+    final = {(int(r["n"]), r["variant"]): r for r in csv.DictReader(open(out / "final.csv"))}
+    row = final[(2, "lv")]  # the last evaluations: -100 + seed + 3 = -96, -95, -94
+    assert row["runs"] == "3" and row["per_seed"] == "-96.0 -95.0 -94.0" and float(row["iqm"]) == pytest.approx(-95.0)
+    assert float(row["ci_low"]) <= -95.0 <= float(row["ci_high"]) and int(row["budget"]) == 3000
+    assert final[(3, "happo")]["runs"] == "2" and final[(3, "happo")]["partial"] == "seed 3 at 1,000"
+    assert float(final[(3, "happo")]["adv_variance_last"]) == pytest.approx(100.0)  # k = N - 1 = 2
+    variance = {(int(r["n"]), r["variant"], int(r["k"])): r for r in csv.DictReader(open(out / "variance.csv"))}
+    assert float(variance[(3, "happo", 1)]["factor_max"]) == pytest.approx(20.0)
+    assert float(variance[(3, "lv", 2)]["adv_variance"]) == pytest.approx(0.5)
+    assert len(list(csv.DictReader(open(out / "curves.csv")))) == 2 * 2 * 3 * 3 - 2
+    for name in ("final_vs_n.png", "curves.png", "variance.png"):
+        assert (out / name).stat().st_size > 0, name
