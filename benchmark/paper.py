@@ -7,11 +7,15 @@ evaluation the runs logged), `final.csv` (per setting and variant: the evaluatio
 mean and std over the seeds that reached them; the last evaluation's mean, std, IQM and its bootstrap interval over
 the finished runs; the published anchor at 10M) and a figure per setting, `{setting}.png`: every seed's evaluation
 curve, the mean per variant, and the published anchors. Runs that have not finished (no `done` file) are drawn and
-listed with the step they reached.
+listed with the step they reached. Event files stay out of the repository, so runs made in an earlier session
+live on only in the committed `curves.csv` and `final.csv`: with `--keep` (the default), every run of those files
+that the grid does not hold again is read back from them (its evaluations, and whether it finished) and reported
+beside the grid's runs.
 """
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +61,27 @@ def curve_rows(runs: list) -> list:
                 | {"eval_return": value, "eval_win_rate": wins.get(step, "")}
             )
     return rows
+
+
+def kept_runs(out: Path) -> list:
+    """The runs of an earlier `curves.csv` in out as load_grid gives them (evaluations only): unfinished where that
+    folder's `final.csv` names them as partial ("seed 1 at 4,576,000")."""
+    if not (out / "curves.csv").exists():
+        return []
+    partial = {}
+    for row in csv.DictReader(open(out / "final.csv")) if (out / "final.csv").exists() else []:
+        for seed, step in re.findall(r"seed (\d+) at ([\d,]+)", row["partial"]):
+            partial[(row["setting"], row["variant"], int(seed))] = int(step.replace(",", ""))
+    runs = {}
+    for row in csv.DictReader(open(out / "curves.csv")):
+        key = (row["setting"], row["variant"], int(row["seed"]))
+        run = runs.setdefault(key, dict(zip(("setting", "variant", "seed"), key, strict=True)) | {"scalars": {}})
+        run["scalars"].setdefault("eval/episodic_return", []).append((int(row["step"]), float(row["eval_return"])))
+        if row["eval_win_rate"] != "":
+            run["scalars"].setdefault("eval/win_rate", []).append((int(row["step"]), float(row["eval_win_rate"])))
+    for key, run in runs.items():
+        run["complete"], run["last_step"] = key not in partial, run["scalars"]["eval/episodic_return"][-1][0]
+    return list(runs.values())
 
 
 def final_rows(runs: list) -> list:
@@ -135,11 +160,16 @@ def main(argv: list | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", default="benchmark/grids/paper", help="the grid folder benchmark/run.py wrote")
     parser.add_argument("--out", default="benchmark/results/paper", help="where the tables and figures go")
+    parser.add_argument("--no-keep", dest="keep", action="store_false", help="forget the runs of --out's CSV files")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     runs = [run for run in load_grid(Path(args.grid)) if run["setting"].startswith("paper-")]
+    grid_keys = {(run["setting"], run["variant"], run["seed"]) for run in runs}
+    runs += [
+        run for run in kept_runs(out) if (run["setting"], run["variant"], run["seed"]) not in grid_keys
+    ] * args.keep
     if not runs:
         parser.error(f"no paper-* runs under {args.grid}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(curve_rows(runs), out / "curves.csv")
     rows = final_rows(runs)

@@ -216,6 +216,20 @@ def test_paper_reader_milestones_anchors_and_partial_runs(tmp_path):
     assert float(row["anchor_10M"]) == -28.0 and (out / "paper-mpe-spread-n3.png").stat().st_size > 0
     assert len(list(csv.DictReader(open(out / "curves.csv")))) == 20 + 20 + 4
 
+    # a later session's grid holds seed 3 only, now finished: seeds 1 and 2 are read back from the committed CSVs
+    folder = tmp_path / "grid2" / "paper-mpe-spread-n3" / "lv" / "seed3"
+    writer = SummaryWriter(str(folder / "runs" / "x__lv__3__1"))
+    for step, value in evals:
+        writer.add_scalar("eval/episodic_return", value + 3, step)
+        writer.add_scalar("charts/SPS", 100.0, step)
+    writer.close()
+    (folder / "done").write_text("ok\n")
+    paper.main(["--grid", str(tmp_path / "grid2"), "--out", str(out)])
+    (row,) = list(csv.DictReader(open(out / "final.csv")))
+    assert (row["seeds"], row["complete"], row["partial"]) == ("3", "3", "")
+    assert float(row["mean_10M"]) == pytest.approx(-40.0 + 2.0)  # seeds 1, 2 (kept) and 3 (new)
+    assert len(list(csv.DictReader(open(out / "curves.csv")))) == 3 * 20
+
 
 def test_reference_controller_beats_random_actions():
     positions, landmarks = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]), np.array([[1.1, 1.0], [2.0, 0.1], [0, 0.2]])
