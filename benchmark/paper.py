@@ -80,7 +80,8 @@ def kept_runs(out: Path) -> list:
         if row["eval_win_rate"] != "":
             run["scalars"].setdefault("eval/win_rate", []).append((int(row["step"]), float(row["eval_win_rate"])))
     for key, run in runs.items():
-        run["complete"], run["last_step"] = key not in partial, run["scalars"]["eval/episodic_return"][-1][0]
+        run["complete"] = key not in partial  # a partial run keeps the step it reached, not its last evaluation's
+        run["last_step"] = partial.get(key, run["scalars"]["eval/episodic_return"][-1][0])
     return list(runs.values())
 
 
@@ -165,9 +166,8 @@ def main(argv: list | None = None) -> None:
     out = Path(args.out)
     runs = [run for run in load_grid(Path(args.grid)) if run["setting"].startswith("paper-")]
     grid_keys = {(run["setting"], run["variant"], run["seed"]) for run in runs}
-    runs += [
-        run for run in kept_runs(out) if (run["setting"], run["variant"], run["seed"]) not in grid_keys
-    ] * args.keep
+    if args.keep:
+        runs += [run for run in kept_runs(out) if (run["setting"], run["variant"], run["seed"]) not in grid_keys]
     if not runs:
         parser.error(f"no paper-* runs under {args.grid}")
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lv_happo_mpe import MultiAgentArrays  # noqa: E402
 
-POLICIES = ("random", "nearest", "controller")
-
 
 def greedy_assignment(positions: np.ndarray, landmarks: np.ndarray) -> list:
     """Agent i -> landmark assignment[i], the closest free (agent, landmark) pair first."""
@@ -79,21 +77,22 @@ def vmas_episode_returns(
     args = lv_happo_vmas.Args(num_agents=num_agents, max_steps=max_steps)
     envs, rng = lv_happo_vmas.VMASEnvs(args, episodes, 0, torch.device("cpu")), np.random.default_rng(0)
     obs = envs.reset(seed=0)[0].numpy()
-    landmarks = obs[:, :, None, 0:2] + obs[:, :, 4 : 4 + 2 * num_agents].reshape(episodes, num_agents, num_agents, 2)
-    distances = np.linalg.norm(obs[:, :, None, 0:2] - landmarks, axis=-1)  # (E, N agents, N landmarks)
-    assignment = {
-        "fixed": np.tile(np.arange(num_agents), (episodes, 1)),
-        "nearest": distances.argmin(-1),
-        "controller": np.array([greedy_assignment(o[:, 0:2], lm[0]) for o, lm in zip(obs, landmarks, strict=True)]),
-    }.get(policy)
+    relative = obs[:, :, 4 : 4 + 2 * num_agents].reshape(episodes, num_agents, num_agents, 2)  # landmark - position
+    if policy == "fixed":
+        assignment = np.tile(np.arange(num_agents), (episodes, 1))
+    elif policy == "nearest":
+        assignment = np.linalg.norm(relative, axis=-1).argmin(-1)
+    elif policy == "controller":
+        landmarks = obs[:, 0, None, 0:2] + relative[:, 0]  # (E, N landmarks, 2), from agent 0's view
+        assignment = np.array([greedy_assignment(o[:, 0:2], lm) for o, lm in zip(obs, landmarks, strict=True)])
     total = np.zeros(episodes)
     for _ in range(max_steps):
         if policy == "random":
             actions = rng.uniform(-1, 1, (episodes, num_agents, 2))
         else:
-            relative = np.take_along_axis(obs[:, :, 4 : 4 + 2 * num_agents].reshape(episodes, num_agents, -1, 2),
-                                          assignment[:, :, None, None], axis=2)[:, :, 0]  # fmt: skip
-            actions = np.clip(gain * relative - damping * obs[:, :, 2:4], -1.0, 1.0)
+            relative = obs[:, :, 4 : 4 + 2 * num_agents].reshape(episodes, num_agents, num_agents, 2)
+            target = np.take_along_axis(relative, assignment[:, :, None, None], axis=2)[:, :, 0]
+            actions = np.clip(gain * target - damping * obs[:, :, 2:4], -1.0, 1.0)
         next_obs, _, reward, *_ = envs.step(torch.as_tensor(actions, dtype=torch.float32))
         obs, total = next_obs.numpy(), total + reward.numpy()
     return total.tolist()
@@ -106,7 +105,9 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--vmas", action="store_true", help="VMAS's simple_spread instead of mpe2's")
     args = parser.parse_args(argv)
     for n in args.num_agents:
-        for policy in POLICIES[:2] + ("fixed",) + POLICIES[2:] if args.vmas else POLICIES:
+        for policy in (
+            ("random", "nearest", "fixed", "controller") if args.vmas else ("random", "nearest", "controller")
+        ):
             if args.vmas:
                 returns = vmas_episode_returns(n, args.episodes or 1000, policy)
             else:

@@ -18,7 +18,6 @@ Runs without a `done` file are named, with the step they reached, and left out o
 """
 
 import argparse
-import csv
 import re
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper import write_csv  # noqa: E402
 from report import iqm_with_ci, load_grid  # noqa: E402
 
 SETTING = re.compile(r"scaling-.*-n(\d+)$")
@@ -82,13 +82,6 @@ def variance_rows(runs: list) -> list:
                 means = {tag: float(np.mean([run_mean(r, f"lv/{tag}_{k}") for r in done])) for tag in tags}
                 rows.append({"n": n, "variant": variant, "k": k, "runs": len(done)} | means)
     return rows
-
-
-def write_csv(path: Path, rows: list) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(final: list, curves: list, variance: list, reference: dict, out: Path) -> None:
@@ -176,10 +169,10 @@ def main(argv: list | None = None) -> None:
             if match := re.match(r"simple_spread N=(\d+) (\w+): mean return (-?[\d.]+)", line):
                 reference[(match.group(2), int(match.group(1)))] = float(match.group(3))
     final, curves, variance = final_rows(runs), curve_rows(runs), variance_rows(runs)
-    write_csv(out / "final.csv", final)
-    write_csv(out / "curves.csv", curves)
+    write_csv(final, out / "final.csv")
+    write_csv(curves, out / "curves.csv")
     if variance:
-        write_csv(out / "variance.csv", variance)
+        write_csv(variance, out / "variance.csv")
     plot(final, curves, variance, reference, out)
     for row in final:
         print(
