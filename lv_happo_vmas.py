@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from gymnasium.utils.save_video import save_video
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
@@ -396,6 +395,7 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
         returns = torch.where(done & returns.isnan(), episode_returns, returns)
         episode_returns *= ~done
     if frames:
+        save_video = importlib.import_module("gymnasium.utils.save_video").save_video  # needs moviepy: imported here
         save_video(frames, video_folder, fps=30, name_prefix=args.env_id)
     shared[:] = saved
     return returns.tolist()

@@ -69,10 +69,10 @@ ENT40 = SETTINGS["paper-mpe-spread-n3"][1].copy()
 ENT40[ENT40.index("--ent-coef") + 1] = "40"
 SETTINGS["paper-mpe-spread-n3-ent40"] = ("lv_happo_mpe.py", ENT40)
 # the team-size study (benchmark/scaling.py): VMAS simple_spread at N = 2 to 12, one budget for every N, the batch
-# shape and epochs that learned best at N = 3 (benchmark/results/scaling/README.md), 200 evaluation episodes every
-# 512k steps (80 iterations of 256 x 25) and a checkpoint as often
-SCALING = ["--num-envs", "256", "--num-steps", "25", "--update-epochs", "5", "--critic-epochs", "5"]
-SCALING += ["--num-minibatches", "4", "--eval-every", "80", "--eval-episodes", "200", "--checkpoint-every", "80"]
+# shape, epochs and discount that learned best at N = 3 (benchmark/results/scaling/README.md), 200 evaluation
+# episodes every 128k steps (20 iterations of 256 x 25) and a checkpoint as often
+SCALING = ["--num-envs", "256", "--num-steps", "25", "--update-epochs", "5", "--critic-epochs", "5", "--gamma", "0.95"]
+SCALING += ["--num-minibatches", "4", "--eval-every", "20", "--eval-episodes", "200", "--checkpoint-every", "20"]
 SETTINGS |= {
     f"scaling-vmas-spread-n{n}": ("lv_happo_vmas.py", ["--num-agents", str(n), *SCALING]) for n in (2, 3, 5, 8, 12)
 }
