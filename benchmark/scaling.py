@@ -7,12 +7,14 @@ budget at every N.
 Writes to --out:
 - `curves.csv`: N, variant, seed, step, eval_return (every deterministic evaluation the runs logged);
 - `final.csv`: per N and variant, over the finished runs, the final evaluation return (the run's last evaluation):
-  its interquartile mean with a 95 % percentile-bootstrap interval, mean, std and the per-seed values; and, from the
-  same runs, the mean over the run of `lv/adv_variance_k` and `lv/factor_max_k` at the last position k = N - 1;
+  its interquartile mean with a 95 % percentile-bootstrap interval, mean, std and the per-seed values; with
+  `--reference`, the same for the normalised score (R - random) / (controller - random), 0 for uniformly random
+  actions and 1 for the greedy controller at that N (returns grow about as N^2, scores compare across N); and, from
+  the same runs, the mean over the run of `lv/adv_variance_k` and `lv/factor_max_k` at the last position k = N - 1;
 - `variance.csv`: per N, variant and position k, the mean over the run and the seeds of `lv/adv_variance_k`,
   `lv/factor_max_k` and `lv/factor_clip_fraction_k`;
-- `final_vs_n.png` (final return against N per variant, with the intervals, beside `--reference`'s controller and
-  random returns when given), `curves.png` (a panel per N: mean evaluation curve per variant, each seed thin) and
+- `final_vs_n.png` (final score, or return without `--reference`, against N per variant, with the intervals, and
+  the reference policies), `curves.png` (a panel per N: mean evaluation curve per variant, each seed thin) and
   `variance.png` (Var[M_used A] and max M against k, a line per N and variant, log scale).
 Runs without a `done` file are named, with the step they reached, and left out of the numbers.
 """
@@ -43,6 +45,12 @@ def run_mean(run: dict, tag: str) -> float:
     return float(np.mean([value for _, value in points])) if points else float("nan")
 
 
+def score(value: float, n: int, reference: dict) -> float:
+    """(value - random) / (controller - random) at N: 0 for uniformly random actions, 1 for the greedy controller."""
+    random, controller = reference.get(("random", n)), reference.get(("controller", n))
+    return float("nan") if random is None or controller is None else (value - random) / (controller - random)
+
+
 def curve_rows(runs: list) -> list:
     return [
         {"n": team_size(r["setting"]), "variant": r["variant"], "seed": r["seed"], "step": step, "eval_return": value}
@@ -51,7 +59,7 @@ def curve_rows(runs: list) -> list:
     ]
 
 
-def final_rows(runs: list) -> list:
+def final_rows(runs: list, reference: dict) -> list:
     rows = []
     for n in sorted({team_size(r["setting"]) for r in runs}):
         for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
@@ -59,12 +67,15 @@ def final_rows(runs: list) -> list:
             done = sorted((r for r in group if r["complete"]), key=lambda r: r["seed"])
             finals = [r["scalars"]["eval/episodic_return"][-1][1] for r in done]
             iqm, low, high = iqm_with_ci(finals) if finals else (float("nan"),) * 3
+            scores = [score(x, n, reference) for x in finals]
+            scores = iqm_with_ci(scores) if scores and np.isfinite(scores).all() else (float("nan"),) * 3
             partial = "; ".join(f"seed {r['seed']} at {r['last_step']:,}" for r in group if not r["complete"])
             rows.append(
                 {"n": n, "variant": variant, "runs": len(done), "iqm": iqm, "ci_low": low, "ci_high": high}
                 | {"mean": float(np.mean(finals)) if finals else float("nan")}
                 | {"std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan")}
                 | {"per_seed": " ".join(f"{x:.1f}" for x in finals), "seeds": " ".join(str(r["seed"]) for r in done)}
+                | dict(zip(("score_iqm", "score_low", "score_high"), scores, strict=True))
                 | {"budget": max((r["last_step"] for r in done), default=0), "partial": partial}
                 | {"adv_variance_last": float(np.mean([run_mean(r, f"lv/adv_variance_{n - 1}") for r in done]))}
                 | {"factor_max_last": float(np.mean([run_mean(r, f"lv/factor_max_{n - 1}") for r in done]))}
@@ -91,20 +102,24 @@ def plot(final: list, curves: list, variance: list, reference: dict, out: Path) 
     import matplotlib.pyplot as plt
 
     sizes = sorted({row["n"] for row in final})
+    scored = all(np.isfinite(row["score_iqm"]) for row in final if row["runs"])
+    middle, low, high = ("score_iqm", "score_low", "score_high") if scored else ("iqm", "ci_low", "ci_high")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, variant in enumerate(v for v in VARIANTS if any(row["variant"] == v for row in final)):
         rows = [row for row in final if row["variant"] == variant and row["runs"]]
         x = np.array([row["n"] for row in rows]) + (i - 1) * 0.12  # side by side at each N
-        iqm = np.array([row["iqm"] for row in rows])
-        errors = [iqm - [row["ci_low"] for row in rows], [row["ci_high"] for row in rows] - iqm]
+        iqm = np.array([row[middle] for row in rows])
+        errors = [iqm - [row[low] for row in rows], [row[high] for row in rows] - iqm]
         color, label = STYLE[variant]
         ax.errorbar(x, iqm, yerr=errors, marker="o", capsize=3, color=color, label=label)
-    for name, style in (("controller", "k--"), ("random", "k:")):
-        points = sorted((n, value) for (policy, n), value in reference.items() if policy == name and n in sizes)
+    for name, style in (("controller", "k--"), ("nearest", "k-."), ("fixed", "k:"), ("random", "k-")):
+        points = [(n, reference[(name, n)]) for n in sizes if (name, n) in reference]
+        points = [(n, score(value, n, reference) if scored else value) for n, value in points]
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=f"{name} (benchmark/reference.py)")
-    ax.set(xlabel="number of agents N", ylabel="final evaluation return (IQM, 95 % CI)", xticks=sizes)
-    ax.set_title("VMAS simple_spread: final return against team size", fontsize=10)
+            ax.plot(*zip(*points, strict=True), style, linewidth=0.8, label=f"{name} (benchmark/reference.py)")
+    ylabel = "final score: 0 random, 1 greedy controller" if scored else "final evaluation return"
+    ax.set(xlabel="number of agents N", ylabel=f"{ylabel} (IQM, 95 % CI)", xticks=sizes)
+    ax.set_title("VMAS simple_spread: final " + ("score" if scored else "return") + " against team size", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "final_vs_n.png", dpi=110)
@@ -168,7 +183,7 @@ def main(argv: list | None = None) -> None:
         for line in Path(args.reference).read_text().splitlines():
             if match := re.match(r"simple_spread N=(\d+) (\w+): mean return (-?[\d.]+)", line):
                 reference[(match.group(2), int(match.group(1)))] = float(match.group(3))
-    final, curves, variance = final_rows(runs), curve_rows(runs), variance_rows(runs)
+    final, curves, variance = final_rows(runs, reference), curve_rows(runs), variance_rows(runs)
     write_csv(final, out / "final.csv")
     write_csv(curves, out / "curves.csv")
     if variance:
@@ -177,7 +192,8 @@ def main(argv: list | None = None) -> None:
     for row in final:
         print(
             f"N={row['n']:>2} {row['variant']:>5}: IQM {row['iqm']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
-            f" over {row['runs']} runs ({row['per_seed']}); Var[M A] at k=N-1 {row['adv_variance_last']:.3g}"
+            f" over {row['runs']} runs ({row['per_seed']}); score {row['score_iqm']:.2f}"
+            f" [{row['score_low']:.2f}, {row['score_high']:.2f}]; Var[M A] at k=N-1 {row['adv_variance_last']:.3g}"
             + (f"; partial: {row['partial']}" if row["partial"] else "")
         )
 

@@ -279,13 +279,18 @@ def test_scaling_reader_intervals_variance_and_partial_runs(tmp_path):
                 writer.close()
                 if last == 3:
                     (folder / "done").write_text("ok\n")
-    (tmp_path / "reference.txt").write_text("simple_spread N=3 controller: mean return -82.4 over 1000 episodes\n")
+    reference = "simple_spread N={} {}: mean return {} over 1000 episodes\n"  # scores at N = 3 only
+    (tmp_path / "reference.txt").write_text(
+        reference.format(3, "controller", -80) + reference.format(3, "random", -180)
+    )
     scaling.main(["--grid", str(grid), "--out", str(out), "--reference", str(tmp_path / "reference.txt")])
     final = {(int(r["n"]), r["variant"]): r for r in csv.DictReader(open(out / "final.csv"))}
     row = final[(2, "lv")]  # the last evaluations: -100 + seed + 3 = -96, -95, -94
     assert row["runs"] == "3" and row["per_seed"] == "-96.0 -95.0 -94.0" and float(row["iqm"]) == pytest.approx(-95.0)
     assert float(row["ci_low"]) <= -95.0 <= float(row["ci_high"]) and int(row["budget"]) == 3000
     assert final[(3, "happo")]["runs"] == "2" and final[(3, "happo")]["partial"] == "seed 3 at 1,000"
+    assert float(final[(3, "lv")]["score_iqm"]) == pytest.approx(((-150 + 2 + 3) + 180) / 100)  # (R - random) / 100
+    assert row["score_iqm"] == "nan"  # no reference at N = 2
     assert float(final[(3, "happo")]["adv_variance_last"]) == pytest.approx(100.0)  # k = N - 1 = 2
     variance = {(int(r["n"]), r["variant"], int(r["k"])): r for r in csv.DictReader(open(out / "variance.csv"))}
     assert float(variance[(3, "happo", 1)]["factor_max"]) == pytest.approx(20.0)

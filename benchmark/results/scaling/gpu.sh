@@ -1,6 +1,8 @@
 #!/bin/bash
 # What ran on the H200 the device tool lent (one call, from the repository root, $OUT the folder that comes back):
 #   1. training SPS of lv_happo_vmas.py --cuda at the study's setting, N = 3, 8 and 12, one run at a time;
+#      Then (a second call that day) the same at 4,096 environments, and the script's defaults (1,024 environments,
+#      2 epochs) at N = 3 and 12, where the GPU pays off;
 #   2. every other script once with --cuda (short runs; SMAX with the machine's CUDA jax), beside
 #   3. the study's N = 12 runs (3 variants x 3 seeds) at once on the GPU until a deadline, then SIGTERM: each run
 #      writes its checkpoint, for benchmark/run.py to go on from on the CPU (`--resume`). On 2026-11-30
@@ -35,6 +37,16 @@ for n in 3 8 12; do
     (cd /tmp/w && timeout 150 python3 "$ROOT/lv_happo_vmas.py" --cuda --num-agents "$n" $SCALING \
         --total-timesteps "${SPS_STEPS:-256000}" --seed 1 > "sps-n$n.log" 2>&1)
     echo "N=$n $(grep -o 'SPS=[0-9]*' "/tmp/w/sps-n$n.log" | tail -1)" >> "$OUT/sps.txt"
+done
+for n in 3 8 12; do
+    (cd /tmp/w && timeout 60 python3 "$ROOT/lv_happo_vmas.py" --cuda --num-agents "$n" ${SCALING/256/4096} \
+        --total-timesteps 614400 --seed 1 > "big-n$n.log" 2>&1)
+    echo "4096 envs N=$n $(grep -o 'SPS=[0-9]*' "/tmp/w/big-n$n.log" | tail -1)" >> "$OUT/sps.txt"
+done
+for n in 3 12; do
+    (cd /tmp/w && timeout 45 python3 "$ROOT/lv_happo_vmas.py" --cuda --num-agents "$n" --total-timesteps 256000 \
+        --seed 1 > "defaults-n$n.log" 2>&1)
+    echo "defaults N=$n $(grep -o 'SPS=[0-9]*' "/tmp/w/defaults-n$n.log" | tail -1)" >> "$OUT/sps.txt"
 done
 
 # 3. the study's N = 12 runs on the GPU, in their own process group
