@@ -1,6 +1,8 @@
 """Tests of lv_happo_vmas.py: the batched adapter, its resets and bootstrapping, then the script run as a user runs
 it (what it shares with lv_happo_mpe.py, textually the same, is tested there)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,15 @@ def test_end_to_end_logs_the_contract(tmp_cwd, env_id, flags, num_agents):
         assert [value for _, value in scalars["charts/episodic_length"]] == [25.0] * 64
         assert [step for step, _ in scalars["eval/episodic_return"]] == [800, 1600]
         assert "eval: mean episodic_return=" in result.stdout
+
+
+def test_trains_without_moviepy(tmp_cwd, monkeypatch):
+    fake = tmp_cwd / "fake" / "moviepy"  # a moviepy that cannot be imported, first on the path
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no moviepy here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
+    result = run_script(SCRIPT, *TINY, cwd=tmp_cwd)
+    assert result.returncode == 0, result.stderr  # only --capture-video imports it
 
 
 def test_capture_video_writes_a_video(tmp_cwd):
