@@ -9,8 +9,10 @@ Writes to --out:
 - `final.csv`: per N and variant, over the finished runs, the final evaluation return (the run's last evaluation):
   its interquartile mean with a 95 % percentile-bootstrap interval, mean, std and the per-seed values; with
   `--reference`, the same for the normalised score (R - random) / (controller - random), 0 for uniformly random
-  actions and 1 for the greedy controller at that N (returns grow about as N^2, scores compare across N); and, from
-  the same runs, the mean over the run of `lv/adv_variance_k` and `lv/factor_max_k` at the last position k = N - 1;
+  actions and 1 for the greedy controller at that N (returns grow about as N^2, scores compare across N); for HAPPO
+  and MAPPO, LV-HAPPO's final return minus theirs on the same seed (the seed fixes the layouts every variant meets:
+  `lv_minus_this`, its mean, and the per-seed values); and, from the same runs, the mean over the run of
+  `lv/adv_variance_k` and `lv/factor_max_k` at the last position k = N - 1;
 - `variance.csv`: per N, variant and position k, the mean over the run and the seeds of `lv/adv_variance_k`,
   `lv/factor_max_k` and `lv/factor_clip_fraction_k`;
 - `final_vs_n.png` (final score, or return without `--reference`, against N per variant, with the intervals, and
@@ -40,6 +42,10 @@ def team_size(setting: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def final_return(run: dict) -> float:
+    return run["scalars"]["eval/episodic_return"][-1][1]
+
+
 def run_mean(run: dict, tag: str) -> float:
     points = run["scalars"].get(tag, [])
     return float(np.mean([value for _, value in points])) if points else float("nan")
@@ -65,17 +71,28 @@ def final_rows(runs: list, reference: dict) -> list:
         for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
             group = [r for r in runs if team_size(r["setting"]) == n and r["variant"] == variant]
             done = sorted((r for r in group if r["complete"]), key=lambda r: r["seed"])
-            finals = [r["scalars"]["eval/episodic_return"][-1][1] for r in done]
+            finals = [final_return(r) for r in done]
             iqm, low, high = iqm_with_ci(finals) if finals else (float("nan"),) * 3
             scores = [score(x, n, reference) for x in finals]
             scores = iqm_with_ci(scores) if scores and np.isfinite(scores).all() else (float("nan"),) * 3
             partial = "; ".join(f"seed {r['seed']} at {r['last_step']:,}" for r in group if not r["complete"])
+            # the seed fixes the layouts every variant meets: LV-HAPPO minus this variant, seed by seed
+            lv = {
+                r["seed"]: final_return(r)
+                for r in runs
+                if r["complete"] and (team_size(r["setting"]), r["variant"]) == (n, "lv")
+            }
+            paired = [
+                lv[r["seed"]] - x for r, x in zip(done, finals, strict=True) if r["seed"] in lv and variant != "lv"
+            ]
+            paired_mean = float(np.mean(paired)) if paired else float("nan")
             rows.append(
                 {"n": n, "variant": variant, "runs": len(done), "iqm": iqm, "ci_low": low, "ci_high": high}
                 | {"mean": float(np.mean(finals)) if finals else float("nan")}
                 | {"std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan")}
                 | {"per_seed": " ".join(f"{x:.1f}" for x in finals), "seeds": " ".join(str(r["seed"]) for r in done)}
                 | dict(zip(("score_iqm", "score_low", "score_high"), scores, strict=True))
+                | {"lv_minus_this": paired_mean, "lv_minus_this_per_seed": " ".join(f"{x:.1f}" for x in paired)}
                 | {"budget": max((r["last_step"] for r in done), default=0), "partial": partial}
                 | {"adv_variance_last": float(np.mean([run_mean(r, f"lv/adv_variance_{n - 1}") for r in done]))}
                 | {"factor_max_last": float(np.mean([run_mean(r, f"lv/factor_max_{n - 1}") for r in done]))}
@@ -194,6 +211,7 @@ def main(argv: list | None = None) -> None:
             f"N={row['n']:>2} {row['variant']:>5}: IQM {row['iqm']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
             f" over {row['runs']} runs ({row['per_seed']}); score {row['score_iqm']:.2f}"
             f" [{row['score_low']:.2f}, {row['score_high']:.2f}]; Var[M A] at k=N-1 {row['adv_variance_last']:.3g}"
+            + (f"; LV-HAPPO minus this, same seeds: {row['lv_minus_this_per_seed']}" if row["variant"] != "lv" else "")
             + (f"; partial: {row['partial']}" if row["partial"] else "")
         )
 

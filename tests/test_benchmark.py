@@ -291,6 +291,8 @@ def test_scaling_reader_intervals_variance_and_partial_runs(tmp_path):
     assert final[(3, "happo")]["runs"] == "2" and final[(3, "happo")]["partial"] == "seed 3 at 1,000"
     assert float(final[(3, "lv")]["score_iqm"]) == pytest.approx(((-150 + 2 + 3) + 180) / 100)  # (R - random) / 100
     assert row["score_iqm"] == "nan"  # no reference at N = 2
+    assert float(final[(2, "happo")]["lv_minus_this"]) == pytest.approx(20.0) and row["lv_minus_this"] == "nan"
+    assert final[(3, "happo")]["lv_minus_this_per_seed"] == "30.0 30.0"  # seed 3 of HAPPO did not finish
     assert float(final[(3, "happo")]["adv_variance_last"]) == pytest.approx(100.0)  # k = N - 1 = 2
     variance = {(int(r["n"]), r["variant"], int(r["k"])): r for r in csv.DictReader(open(out / "variance.csv"))}
     assert float(variance[(3, "happo", 1)]["factor_max"]) == pytest.approx(20.0)
