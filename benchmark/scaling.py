@@ -68,6 +68,12 @@ def curve_rows(runs: list) -> list:
 def final_rows(runs: list, reference: dict) -> list:
     rows = []
     for n in sorted({team_size(r["setting"]) for r in runs}):
+        # the seed fixes the layouts every variant meets: LV-HAPPO minus each other variant, seed by seed
+        lv = {
+            r["seed"]: final_return(r)
+            for r in runs
+            if r["complete"] and (team_size(r["setting"]), r["variant"]) == (n, "lv")
+        }
         for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
             group = [r for r in runs if team_size(r["setting"]) == n and r["variant"] == variant]
             done = sorted((r for r in group if r["complete"]), key=lambda r: r["seed"])
@@ -76,15 +82,8 @@ def final_rows(runs: list, reference: dict) -> list:
             scores = [score(x, n, reference) for x in finals]
             scores = iqm_with_ci(scores) if scores and np.isfinite(scores).all() else (float("nan"),) * 3
             partial = "; ".join(f"seed {r['seed']} at {r['last_step']:,}" for r in group if not r["complete"])
-            # the seed fixes the layouts every variant meets: LV-HAPPO minus this variant, seed by seed
-            lv = {
-                r["seed"]: final_return(r)
-                for r in runs
-                if r["complete"] and (team_size(r["setting"]), r["variant"]) == (n, "lv")
-            }
-            paired = [
-                lv[r["seed"]] - x for r, x in zip(done, finals, strict=True) if r["seed"] in lv and variant != "lv"
-            ]
+            paired = [lv[r["seed"]] - x for r, x in zip(done, finals, strict=True) if r["seed"] in lv]
+            paired = paired if variant != "lv" else []
             paired_mean = float(np.mean(paired)) if paired else float("nan")
             rows.append(
                 {"n": n, "variant": variant, "runs": len(done), "iqm": iqm, "ci_low": low, "ci_high": high}
