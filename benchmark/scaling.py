@@ -82,8 +82,8 @@ def final_rows(runs: list, reference: dict) -> list:
             scores = [score(x, n, reference) for x in finals]
             scores = iqm_with_ci(scores) if scores and np.isfinite(scores).all() else (float("nan"),) * 3
             partial = "; ".join(f"seed {r['seed']} at {r['last_step']:,}" for r in group if not r["complete"])
-            paired = [lv[r["seed"]] - x for r, x in zip(done, finals, strict=True) if r["seed"] in lv]
-            paired = paired if variant != "lv" else []
+            pairs = zip(done, finals, strict=True)
+            paired = [lv[r["seed"]] - x for r, x in pairs if r["seed"] in lv] if variant != "lv" else []
             paired_mean = float(np.mean(paired)) if paired else float("nan")
             rows.append(
                 {"n": n, "variant": variant, "runs": len(done), "iqm": iqm, "ci_low": low, "ci_high": high}
