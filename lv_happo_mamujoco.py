@@ -73,7 +73,7 @@ class Args:
     env_id: str = "HalfCheetah"
     """the MuJoCo task (a MaMuJoCo scenario): HalfCheetah, Ant, Walker2d, Hopper, Humanoid, Swimmer, ..."""
     agent_conf: str = "6x1"
-    """the partition of the robot's joints among agents, e.g. 6x1, 2x3 (HalfCheetah), 4x2, 2x4d (Ant), 9|8 (Humanoid)"""
+    """the joints' partition among agents: 6x1, 2x3 (HalfCheetah), 8x1, 4x2 (Ant), 6x1 (Walker2d), 17x1 (Humanoid)"""
     agent_obsk: int = 1
     """each agent observes its own joints and those within this many hops of them (gymnasium-robotics' agent_obsk)"""
     global_obs: bool = False
@@ -83,7 +83,11 @@ class Args:
     total_timesteps: int = 1_000_000
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
-    """the learning rate of the actors' and the critic's optimizers"""
+    """the learning rate of the actors' optimizers (and of the critic's, without --critic-learning-rate)"""
+    critic_learning_rate: Optional[float] = None
+    """the learning rate of the critic's optimizer (default: --learning-rate)"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 10
     """the number of parallel environments"""
     vector_env: Literal["sync", "async"] = "sync"
@@ -138,6 +142,21 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
+# Nx1 partitions MaMuJoCo does not name: each joint of one of its partitions an agent (its agent_factorization)
+SPLIT_INTO_JOINTS = {"Ant": "4x2", "Walker2d": "2x3", "Humanoid": "9|8", "HumanoidStandup": "9|8"}
+
+
+def partition(env_id: str, agent_conf: str) -> tuple[list, list, list]:
+    """MaMuJoCo's (parts, edges, globals) of the partition; `Nx1` with N the robot's joints: one joint per agent."""
+    try:
+        return get_parts_and_edges(env_id, agent_conf)
+    except Exception:
+        parts, edges, globals_ = get_parts_and_edges(env_id, SPLIT_INTO_JOINTS.get(env_id, agent_conf))
+        if agent_conf != f"{sum(map(len, parts))}x1":
+            raise
+        return [(joint,) for part in parts for joint in part], edges, globals_
+
+
 def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
@@ -159,6 +178,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
 POSITIVE = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
 POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
+POSITIVE += ["critic_learning_rate"]
 
 
 def check_args(args: Args) -> Optional[str]:
@@ -179,7 +199,7 @@ def check_args(args: Args) -> Optional[str]:
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
     try:  # MaMuJoCo's partitions of the task, checked without building the robot
-        get_parts_and_edges(args.env_id, args.agent_conf)
+        partition(args.env_id, args.agent_conf)
     except Exception as error:
         return f"{args.env_id} has no partition --agent-conf {args.agent_conf!r} ({error}): see the README's list"
 
@@ -194,10 +214,12 @@ class MultiAgentArrays(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, args: Args, render_mode: Optional[str] = None):
+        parts, edges, globals_ = partition(args.env_id, args.agent_conf)
         self.env = mamujoco_v1.parallel_env(
             args.env_id,
             args.agent_conf,
             agent_obsk=args.agent_obsk,
+            agent_factorization={"partition": parts, "edges": edges, "globals": globals_},
             render_mode=render_mode,
             max_episode_steps=args.max_episode_steps,
         )
@@ -208,33 +230,34 @@ class MultiAgentArrays(gym.Env):
         local_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
         self.obs_dims = [state_dim + n] * n if args.global_obs else local_dims
         self.act_dims = [s.shape[0] for s in self.act_spaces]
+        self.joint_ids = np.array([joint.act_ids for part in parts for joint in part])  # agent order -> robot's order
+        self.act_mask = np.arange(max(self.act_dims)) < np.array(self.act_dims)[:, None]  # the unpadded entries
+        self.low, self.high = self.act_spaces[0].low[0], self.act_spaces[0].high[0]  # MaMuJoCo's bounds: one pair
         obs_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.obs_dims)), np.float32)
         state_space = gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float32)
         self.observation_space = gym.spaces.Dict({"obs": obs_space, "state": state_space})
         self.action_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.act_dims)), np.float32)
 
-    def _arrays(self, obs: dict) -> dict:
-        n, state = len(self.agents), self.env.state().astype(np.float32)
+    def _arrays(self, state: np.ndarray) -> dict:
+        n, state = len(self.agents), state.astype(np.float32)
         if self.global_obs:
             return {"obs": np.concatenate([np.tile(state, (n, 1)), np.eye(n, dtype=np.float32)], 1), "state": state}
         padded = np.zeros(self.observation_space["obs"].shape, np.float32)
-        for i, agent in enumerate(self.agents):
-            padded[i, : self.obs_dims[i]] = obs[agent]
+        for i in range(n):
+            padded[i, : self.obs_dims[i]] = self.env._get_obs_agent(i)
         return {"obs": padded, "state": state}
 
     def reset(self, seed: Optional[int] = None, options: Optional[dict] = None):
-        obs, _ = self.env.reset(seed=seed, options=options)
-        return self._arrays(obs), {}
+        state, _ = self.env.single_agent_env.reset(seed=seed, options=options)
+        return self._arrays(state), {}
 
     def step(self, action: np.ndarray):
-        # the Gaussian sample is clipped to the action bounds here only, not in its stored log-prob
-        actions = {
-            a: np.clip(action[i, : self.act_dims[i]], s.low, s.high)
-            for i, (a, s) in enumerate(zip(self.agents, self.act_spaces, strict=True))
-        }
-        obs, rewards, terminations, truncations, _ = self.env.step(actions)
-        first = self.agents[0]
-        return self._arrays(obs), float(rewards[first]), bool(terminations[first]), bool(truncations[first]), {}
+        # MaMuJoCo's step, less the local observations it builds even when the agents observe the state: the
+        # agents' actions, clipped to the bounds (here only, not in their stored log-probs), make the robot's action
+        robot_action = np.empty(len(self.joint_ids))
+        robot_action[self.joint_ids] = np.clip(action[self.act_mask], self.low, self.high)
+        state, reward, terminated, truncated, _ = self.env.single_agent_env.step(robot_action)
+        return self._arrays(state), float(reward), bool(terminated), bool(truncated), {}
 
     def render(self):
         return self.env.render()
@@ -450,6 +473,7 @@ if __name__ == "__main__":
     if (problem := check_args(args)) is not None:
         fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
+    args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
@@ -501,7 +525,7 @@ if __name__ == "__main__":
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
@@ -548,6 +572,10 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
             break
+        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            for optimizer in [*actor_optimizers, critic_optimizer]:
+                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_obs_np, _ = envs.reset(seed=args.seed + iteration - 1)

@@ -67,7 +67,11 @@ class Args:
     total_timesteps: int = 2_000_000
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
-    """the learning rate of the actors' and the critic's optimizers"""
+    """the learning rate of the actors' optimizers (and of the critic's, without --critic-learning-rate)"""
+    critic_learning_rate: Optional[float] = None
+    """the learning rate of the critic's optimizer (default: --learning-rate)"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 32
     """the number of parallel environments (SMAX: vmapped in one call; sc2: one StarCraft II process each)"""
     torch_threads: int = 1
@@ -139,6 +143,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
 POSITIVE = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
 POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
+POSITIVE += ["critic_learning_rate"]
 
 
 def check_args(args: Args) -> Optional[str]:
@@ -540,6 +545,7 @@ if __name__ == "__main__":
     if (problem := check_args(args)) is not None:
         fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
+    args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
@@ -587,7 +593,7 @@ if __name__ == "__main__":
     critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs, num_agents, obs_dim), device=device)  # (T, E, N, obs_dim)
@@ -640,6 +646,10 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
             break
+        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            for optimizer in [*actor_optimizers, critic_optimizer]:
+                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_ = envs.reset(seed=args.seed + iteration - 1)

@@ -68,7 +68,11 @@ class Args:
     total_timesteps: int = 10_000_000
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
-    """the learning rate of the actors' and the critic's optimizers"""
+    """the learning rate of the actors' optimizers (and of the critic's, without --critic-learning-rate)"""
+    critic_learning_rate: Optional[float] = None
+    """the learning rate of the critic's optimizer (default: --learning-rate)"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 1024
     """the number of environments, simulated as one batch"""
     torch_threads: int = 1
@@ -142,6 +146,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
 POSITIVE = "num_agents total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
 POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
+POSITIVE += ["critic_learning_rate"]
 
 
 def check_args(args: Args) -> Optional[str]:
@@ -423,6 +428,7 @@ if __name__ == "__main__":
     if (problem := check_args(args)) is not None:
         fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)
+    args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
@@ -465,7 +471,7 @@ if __name__ == "__main__":
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
@@ -513,6 +519,10 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
             break
+        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            for optimizer in [*actor_optimizers, critic_optimizer]:
+                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_obs, next_state = envs.reset(seed=args.seed + iteration - 1)

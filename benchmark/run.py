@@ -63,6 +63,24 @@ SETTINGS |= {
         + PAPER_COMMON,
     ),
 }
+# the paper's HAPPO / LV-HAPPO pairs on MaMuJoCo (SPEC.md): 10 x 200, every agent sees the state and its id, one
+# joint per agent but Ant 4x2; deterministic evaluation of 10 episodes and a checkpoint every 25 iterations
+PAIRS = ["--global-obs", "--agent-obsk", "0", "--num-envs", "10", "--num-steps", "200", "--num-minibatches", "1"]
+PAIRS += ["--gamma", "0.99", "--gae-lambda", "0.95", "--hidden-sizes", "128", "128", "128", "--max-grad-norm", "10"]
+PAIRS += ["--huber-delta", "10", "--max-episode-steps", "1000", "--eval-every", "25", "--eval-episodes", "10"]
+PAIRS += ["--checkpoint-every", "25"]
+PAIR_TASKS = {  # task: (env_id, agent_conf, epochs, clip, actor lr, critic lr, anneal, entropy)
+    "halfcheetah-6x1": ("HalfCheetah", "6x1", 15, 0.05, 5e-4, 5e-4, False, 0.01),
+    "ant-8x1": ("Ant", "8x1", 5, 0.1, 5e-4, 5e-4, False, 0.0),
+    "ant-4x2": ("Ant", "4x2", 5, 0.1, 5e-4, 5e-4, False, 0.0),
+    "humanoid-17x1": ("Humanoid", "17x1", 5, 0.1, 2.5e-4, 5e-4, True, 0.0),
+    "walker2d-6x1": ("Walker2d", "6x1", 5, 0.1, 5e-4, 5e-4, False, 0.01),  # HAPPO's settings for both variants
+}
+for task, (env_id, conf, epochs, clip, lr, critic_lr, anneal, ent) in PAIR_TASKS.items():
+    flags = ["--env-id", env_id, "--agent-conf", conf, "--update-epochs", str(epochs), "--critic-epochs", str(epochs)]
+    flags += ["--clip-coef", str(clip), "--learning-rate", str(lr), "--critic-learning-rate", str(critic_lr)]
+    flags += ["--ent-coef", str(ent), *PAIRS] + (["--anneal-lr"] if anneal else [])
+    SETTINGS[f"paper-mamujoco-{task}"] = ("lv_happo_mamujoco.py", flags)
 # the same with the entropy bonus the paper's code applied to continuous actions: its sum over the 4,000-sample batch
 # of the coefficient 0.01 made an effective 40 on the mean (HARL issue #52; the README's entropy note)
 ENT40 = SETTINGS["paper-mpe-spread-n3"][1].copy()

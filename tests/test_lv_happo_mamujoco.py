@@ -13,6 +13,7 @@ from conftest import (
     read_scalars,
     run_script,
 )
+from gymnasium_robotics import mamujoco_v1
 
 import lv_happo_mamujoco as lv
 
@@ -55,18 +56,46 @@ def test_local_obs_follow_agent_obsk():
     assert far.obs_dims == [9, 9, 8, 9, 9, 8]
 
 
-def test_actions_are_clipped_to_bounds_when_sent():
-    humanoid = env("--env-id", "Humanoid", "--agent-conf", "9|8")  # Humanoid's bound is 0.4
-    humanoid.reset(seed=0)
-    sent, original_step = [], humanoid.env.step
+@pytest.mark.parametrize(
+    "task, conf, flags",
+    [("Humanoid", "9|8", ()), ("HalfCheetah", "6x1", ("--global-obs",)), ("Ant", "8x1", ("--global-obs",))],
+)
+def test_step_matches_mamujocos_own_step(task, conf, flags):
+    # the wrapper steps the robot directly; MaMuJoCo's parallel_env on the same seed and actions gives the same
+    # observations (or state), rewards and ends, with actions beyond the bounds clipped alike
+    ours = env("--env-id", task, "--agent-conf", conf, *flags)
+    parts, edges, globals_ = lv.partition(task, conf)
+    factorization = {"partition": parts, "edges": edges, "globals": globals_}
+    theirs = mamujoco_v1.parallel_env(task, conf, agent_obsk=1, agent_factorization=factorization)
+    obs, _ = ours.reset(seed=3)
+    their_obs, _ = theirs.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for t in range(30):
+        action = rng.normal(0, 1, ours.action_space.shape).astype(np.float32)  # often beyond Humanoid's 0.4
+        obs, reward, terminated, truncated, _ = ours.step(action)
+        their_actions = {
+            a: np.clip(action[i, :d], theirs.action_space(a).low, theirs.action_space(a).high)
+            for i, (a, d) in enumerate(zip(ours.agents, ours.act_dims, strict=True))
+        }
+        their_obs, rewards, terminations, truncations, _ = theirs.step(their_actions)
+        assert (reward, terminated, truncated) == (rewards["agent_0"], terminations["agent_0"], truncations["agent_0"])
+        np.testing.assert_array_equal(obs["state"], theirs.state().astype(np.float32))
+        for i, agent in enumerate([] if "--global-obs" in flags else ours.agents):
+            np.testing.assert_array_equal(obs["obs"][i, : ours.obs_dims[i]], their_obs[agent].astype(np.float32))
 
-    def record(actions: dict):
-        sent.append(actions)
-        return original_step(actions)
 
-    humanoid.env.step = record
-    humanoid.step(np.full((2, 9), 3.0, np.float32))
-    assert np.allclose(sent[0]["agent_0"], 0.4) and sent[0]["agent_1"].shape == (8,)
+@pytest.mark.parametrize(
+    "task, conf, agents, state_dim",
+    [("Ant", "8x1", 8, 105), ("Walker2d", "6x1", 6, 17), ("Humanoid", "17x1", 17, 348)],
+)
+def test_single_joint_partitions(task, conf, agents, state_dim):
+    robot = env("--env-id", task, "--agent-conf", conf)
+    assert len(robot.agents) == agents and robot.act_dims == [1] * agents
+    assert sorted(robot.joint_ids) == list(range(agents))  # every joint of the robot has one agent
+    obs, _ = robot.reset(seed=0)
+    assert obs["state"].shape == (state_dim,) and obs["obs"].shape == (agents, max(robot.obs_dims))
+    obs, reward, _, _, _ = robot.step(np.full((agents, 1), 0.1, np.float32))
+    assert np.isfinite(reward) and np.isfinite(obs["obs"]).all()
 
 
 def test_truncation_keeps_the_true_final_state():
@@ -135,6 +164,8 @@ def test_capture_video_without_renderer_is_a_warning_not_a_crash(tmp_cwd, monkey
         (("--env-id", "Nope"), "unknown --env-id 'Nope'"),
         (("--env-id", "HalfCheetah", "--agent-conf", "5x1"), "HalfCheetah has no partition --agent-conf '5x1'"),
         (("--env-id", "Ant", "--agent-conf", "9|8"), "Ant has no partition"),
+        (("--env-id", "Ant", "--agent-conf", "7x1"), "Ant has no partition --agent-conf '7x1'"),
+        (("--critic-learning-rate", "0"), "--critic-learning-rate must be a positive number"),
         (("--agent-obsk", "-1"), "--agent-obsk must be a finite number, not negative"),
         (("--max-episode-steps", "0"), "--max-episode-steps must be a positive number"),
         (("--clip-coef", "nan"), "--clip-coef must be a positive number, got nan"),
