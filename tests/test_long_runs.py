@@ -33,18 +33,26 @@ MPE_FLAGS, MPE_BATCH = TINY["lv_happo_mpe.py"]
 
 @pytest.mark.parametrize("script", list(TINY))
 def test_resumed_run_is_the_continued_run(tmp_path, script):
+    # killed just after its checkpoint of iteration 2, resumed: it logs what the run never stopped logs, with the
+    # learning rates annealed alike (the critic's own rate, the actors' --learning-rate 5e-4)
     flags, batch = TINY[script]
-    flags = [*flags, "--seed", "5", "--checkpoint-every", "2"]
+    flags = [*flags, "--seed", "5", "--checkpoint-every", "2", "--total-timesteps", str(4 * batch)]
+    flags += ["--anneal-lr", "--critic-learning-rate", "1e-3"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight.mkdir()
     stopped.mkdir()
-    result = run_script(script, *flags, "--total-timesteps", str(4 * batch), cwd=straight)
+    result = run_script(script, *flags, cwd=straight)
     assert result.returncode == 0, result.stderr
-    result = run_script(script, *flags, "--total-timesteps", str(2 * batch), cwd=stopped)
-    assert result.returncode == 0, result.stderr
+    result = run_wrapped(stopped, script, *flags, kill_after_checkpoint=1)
+    assert result.returncode == -signal.SIGKILL, result.stderr
     checkpoint = only_run_dir(stopped) / "checkpoint.pt"
-    assert torch.load(checkpoint, weights_only=False)["iteration"] == 2
-    result = run_script(script, *flags, "--total-timesteps", str(4 * batch), "--resume", str(checkpoint), cwd=stopped)
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["iteration"] == 2
+    # iteration 2 of 4 trains at 3/4 of the initial rates
+    assert saved["critic_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.75e-3)
+    actor_lrs = [state["param_groups"][0]["lr"] for name, state in saved.items() if name.startswith("actor_optim")]
+    assert actor_lrs == pytest.approx([3.75e-4] * len(actor_lrs)) and bool(actor_lrs) != ("hatrpo" in script)
+    result = run_script(script, *flags, "--resume", str(checkpoint), cwd=stopped)
     assert result.returncode == 0, result.stderr
     a, b = read_scalars(only_run_dir(straight)), read_scalars(only_run_dir(stopped))  # one run directory each
     for tag in COMPARED:
@@ -68,12 +76,12 @@ def test_resume_appends_without_duplicated_steps_after_a_crash(tmp_path):
     assert steps == [MPE_BATCH, 2 * MPE_BATCH, 3 * MPE_BATCH, 4 * MPE_BATCH]
 
 
-# runs a script with torch.save and gradient clipping instrumented: NaN gradients on some clipping calls, and a
-# process killed in the middle of its second checkpoint write
+# runs a script with torch.save, os.replace and gradient clipping instrumented: NaN gradients on some clipping calls,
+# a process killed in the middle of a checkpoint write (DIE_ON_SAVE) or just after one (KILL_AFTER_CHECKPOINT)
 WRAPPER = """
 import os, runpy, signal, sys, torch
 calls, saves, nan_from, nan_to = [0], [0], int(os.environ["NAN_FROM"]), int(os.environ["NAN_TO"])
-real_clip, real_save = torch.nn.utils.clip_grad_norm_, torch.save
+real_clip, real_save, real_replace = torch.nn.utils.clip_grad_norm_, torch.save, os.replace
 
 def clip_with_nan(parameters, *args, **kwargs):
     parameters = list(parameters)
@@ -91,22 +99,30 @@ def save(obj, f, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     real_save(obj, f, *args, **kwargs)
 
-torch.nn.utils.clip_grad_norm_, torch.save = clip_with_nan, save
+def replace(src, dst):
+    real_replace(src, dst)
+    if dst.endswith("checkpoint.pt") and os.environ.get("KILL_AFTER_CHECKPOINT") == str(saves[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+torch.nn.utils.clip_grad_norm_, torch.save, os.replace = clip_with_nan, save, replace
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_wrapped(tmp_path, *flags: str, nan_from: int = 0, nan_to: int = 0, die_on_save: int = 0):
+def run_wrapped(tmp_path, script: str, *flags: str, nan_from=0, nan_to=0, die_on_save=0, kill_after_checkpoint=0):
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     env = dict(os.environ, NAN_FROM=str(nan_from), NAN_TO=str(nan_to), DIE_ON_SAVE=str(die_on_save))
-    command = [sys.executable, str(tmp_path / "wrapper.py"), str(ROOT / "lv_happo_mpe.py"), *MPE_FLAGS, *flags]
+    env |= {"KILL_AFTER_CHECKPOINT": str(kill_after_checkpoint), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(tmp_path / "wrapper.py"), str(ROOT / script), *flags]
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
     flags = ("--total-timesteps", str(3 * MPE_BATCH), "--checkpoint-every", "1")
-    result = run_wrapped(tmp_path, *flags, die_on_save=2)  # killed while writing iteration 2's checkpoint
+    result = run_wrapped(
+        tmp_path, "lv_happo_mpe.py", *MPE_FLAGS, *flags, die_on_save=2
+    )  # killed while writing iteration 2's checkpoint
     assert result.returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "checkpoint.pt.tmp").exists()  # the torn write
@@ -115,7 +131,16 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
 
 def test_non_finite_gradient_skips_its_step_and_training_goes_on(tmp_path):
     # iteration 1 makes 3 agents x 2 epochs + 5 critic epochs = 11 clipping calls: NaN on 2 steps of iteration 2
-    result = run_wrapped(tmp_path, "--total-timesteps", str(3 * MPE_BATCH), "--save-model", nan_from=14, nan_to=16)
+    result = run_wrapped(
+        tmp_path,
+        "lv_happo_mpe.py",
+        *MPE_FLAGS,
+        "--total-timesteps",
+        str(3 * MPE_BATCH),
+        "--save-model",
+        nan_from=14,
+        nan_to=16,
+    )
     assert result.returncode == 0, result.stderr
     assert "warning: iteration 2: 2 non-finite steps skipped" in result.stderr
     run_dir = only_run_dir(tmp_path)
@@ -128,7 +153,7 @@ def test_non_finite_gradient_skips_its_step_and_training_goes_on(tmp_path):
 
 def test_non_finite_steps_in_a_row_stop_the_run_and_name_the_checkpoint(tmp_path):
     flags = ("--total-timesteps", str(10 * MPE_BATCH), "--checkpoint-every", "1")
-    result = run_wrapped(tmp_path, *flags, nan_from=12, nan_to=10**9)
+    result = run_wrapped(tmp_path, "lv_happo_mpe.py", *MPE_FLAGS, *flags, nan_from=12, nan_to=10**9)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "error: 3 iterations in a row skipped steps" in last and "checkpoint.pt" in last
