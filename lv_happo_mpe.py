@@ -1,8 +1,6 @@
 # lv_happo_mpe.py: LV-HAPPO on MPE (PettingZoo MPE, package mpe2). Docs: README.md, section "lv_happo_mpe.py".
-import contextlib
 import importlib
 import importlib.util
-import io
 import math
 import multiprocessing
 import os
@@ -125,20 +123,6 @@ class Args:
 
 def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
-
-
-def parse_args(argv: Optional[list] = None) -> Args:
-    """tyro's parser, its boxed error report folded into one line (help still prints in full)."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args, args=argv)
-    except SystemExit as exit_:
-        if not exit_.code:
-            raise
-        report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
-        report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
-        fail(" ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split()) + " (see --help)")
 
 
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
@@ -419,7 +403,7 @@ def load_checkpoint(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = tyro.cli(Args)
     if (problem := check_args(args)) is not None:
         fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)

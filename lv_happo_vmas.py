@@ -129,20 +129,6 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
-def parse_args(argv: Optional[list] = None) -> Args:
-    """tyro's parser, its boxed error report folded into one line (help still prints in full)."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args, args=argv)
-    except SystemExit as exit_:
-        if not exit_.code:
-            raise
-        report = captured.getvalue().splitlines()[1:]  # the box's body up to its first rule, without the help
-        report = report[: next((i for i, line in enumerate(report) if "───" in line), len(report))]
-        fail(" ".join(re.sub(r"[│╭╮╰╯]", " ", " ".join(report)).split()) + " (see --help)")
-
-
 # numeric flags that must be above zero; every numeric flag must be finite and not negative
 POSITIVE = "num_agents total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
 POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
@@ -424,7 +410,7 @@ def load_checkpoint(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = tyro.cli(Args)
     if (problem := check_args(args)) is not None:
         fail(problem)
     args.batch_size = int(args.num_envs * args.num_steps)

@@ -138,7 +138,8 @@ def run_one(run: dict, out: Path) -> int:
 
 
 def slurm_script(runs: list, out: Path, hours: int, cpus: int) -> str:
-    """A job-array script: task i runs the i-th pending run in its folder and marks it done on success."""
+    """A job-array script: task i runs the i-th run in its folder, as the local pool does: skipped once `done`,
+    resumed from the checkpoint a cut run left, its output appended to `log.txt`; sbatch it again after a cut."""
     commands = "\n".join(f"  {shlex.quote(' '.join(shlex.quote(p) for p in run['command']))}" for run in runs)
     folders = "\n".join(f"  {shlex.quote(str(out.resolve() / run['dir']))}" for run in runs)
     return f"""#!/bin/bash
@@ -154,7 +155,10 @@ COMMANDS=(
 {commands}
 )
 mkdir -p "${{FOLDERS[$SLURM_ARRAY_TASK_ID]}}" && cd "${{FOLDERS[$SLURM_ARRAY_TASK_ID]}}" || exit 1
-eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" > log.txt 2>&1 && echo "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" > done
+[ -e done ] && exit 0
+checkpoint=$(ls runs/*/checkpoint.pt 2>/dev/null | sort | tail -n 1)
+eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" ${{checkpoint:+--resume "$checkpoint"}} >> log.txt 2>&1 \\
+  && echo "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" > done
 """
 
 

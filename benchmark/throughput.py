@@ -31,6 +31,7 @@ from typing import Optional
 
 import gymnasium as gym
 import numpy as np
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ SETTINGS = {
 
 def script_args(script: str, flags: list):
     module = __import__(Path(script).stem)
-    return module, module.parse_args(flags)
+    return module, tyro.cli(module.Args, args=flags)
 
 
 def adapter_args(args) -> tuple:

@@ -1,13 +1,17 @@
 """Shared helpers of the test suite: run a script as a user would and read back what it logged."""
 
+import contextlib
+import io
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +84,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str, cwd
     assert not (cwd / "runs").exists()
 
 
+def parse(module, *flags: str):
+    """The script's Args for these flags, as its command line parses them."""
+    return tyro.cli(module.Args, args=list(flags))
+
+
 def flag_error(module, *flags: str) -> str:
-    """The one-line error a script gives for these flags (its parser's or its checks'), or '' if it accepts them."""
+    """What a script says of these flags: tyro's report (its box drawn away, on one line) when they do not parse,
+    else the one-line error of its checks, or '' if it accepts them."""
+    report = io.StringIO()
     try:
-        args = module.parse_args(list(flags))
-    except SystemExit as exit_:
-        return str(exit_.code)
+        with contextlib.redirect_stderr(report):
+            args = parse(module, *flags)
+    except SystemExit:
+        return " ".join(re.sub(r"[│╭╮╰╯─]", " ", report.getvalue()).split())
     return module.check_args(args) or ""
 
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, parse
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(ROOT / "benchmark"))
@@ -36,7 +36,7 @@ def test_every_setting_is_accepted_by_its_script(setting):
     script, flags = run.SETTINGS[setting]
     module = importlib.import_module(script[: -len(".py")])
     for variant in run.VARIANTS.values():
-        assert module.check_args(module.parse_args([*flags, *variant, "--seed", "1"])) is None
+        assert module.check_args(parse(module, *flags, *variant, "--seed", "1")) is None
 
 
 def test_existing_runs_are_skipped(tmp_path, capsys):
@@ -96,6 +96,34 @@ def test_slurm_script_is_a_job_array_of_the_pending_runs(tmp_path):
     assert parsed[1].endswith("lv_happo_smac.py") and parsed[-2:] == ["--num-envs", "8"] and "--seed" in parsed
     assert shlex.split(folders[-1])[0].endswith("grid/smax-3m/mappo/seed2")
     assert not (tmp_path / "grid").exists()  # nothing ran
+
+
+def test_slurm_task_resumes_a_cut_run_and_appends_to_its_log(tmp_path, monkeypatch):
+    # a stand-in for python: records its arguments, then exits with $STATUS, as a run cut by the time limit (143)
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\necho "ran with: $*"\nexit "$STATUS"\n')
+    stub.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stub))
+    script, grid = tmp_path / "array.sh", tmp_path / "grid"
+    run.main(
+        ["--settings", "mpe-spread-n3", "--variants", "lv", "--seeds", "1", "--out", str(grid), "--slurm", str(script)]
+    )
+    folder = grid / "mpe-spread-n3" / "lv" / "seed1"
+
+    def task(status: int) -> None:
+        env = {"PATH": "/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "0", "STATUS": str(status)}
+        subprocess.run(["bash", str(script)], env=env, check=False)
+
+    task(143)  # cut: no `done`, and the run left a checkpoint
+    assert not (folder / "done").exists()
+    (folder / "runs" / "x__1").mkdir(parents=True)
+    (folder / "runs" / "x__1" / "checkpoint.pt").write_bytes(b"")
+    task(0)  # sbatch again: the task goes on from the checkpoint and finishes
+    log = (folder / "log.txt").read_text().splitlines()
+    assert len(log) == 2 and "--resume" not in log[0] and log[1].endswith("--resume runs/x__1/checkpoint.pt")
+    assert (folder / "done").exists()
+    task(0)  # once done, a task runs nothing
+    assert len((folder / "log.txt").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from conftest import (
     assert_logged_and_finite,
     flag_error,
     only_run_dir,
+    parse,
     random_policy_returns,
     read_scalars,
     run_script,
@@ -22,7 +23,7 @@ TINY = ("--total-timesteps", "400", "--num-envs", "2", "--num-steps", "100", "--
 
 
 def env(*flags: str, render_mode=None) -> "lv.MultiAgentArrays":
-    return lv.MultiAgentArrays(lv.parse_args(list(flags)), render_mode)
+    return lv.MultiAgentArrays(parse(lv, *flags), render_mode)
 
 
 def test_heterogeneous_partition_is_padded():
@@ -101,7 +102,7 @@ def test_single_joint_partitions(task, conf, agents, state_dim):
 def test_truncation_keeps_the_true_final_state():
     # a 5-step time limit: the vector env resets in the same step and hands over the final state
     envs = gym.vector.SyncVectorEnv(
-        [lv.make_env(lv.parse_args(["--agent-conf", "2x3", "--max-episode-steps", "5"]))],
+        [lv.make_env(parse(lv, "--agent-conf", "2x3", "--max-episode-steps", "5"))],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     obs, _ = envs.reset(seed=0)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_contract, flag_error, only_run_dir, read_scalars, run_script
+from conftest import assert_contract, flag_error, only_run_dir, parse, read_scalars, run_script
 
 import lv_happo_vmas as lv
 
@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def vmas_envs(*flags: str, num_envs: int) -> "lv.VMASEnvs":
-    return lv.VMASEnvs(lv.parse_args(list(flags)), num_envs, 0, CPU)
+    return lv.VMASEnvs(parse(lv, *flags), num_envs, 0, CPU)
 
 
 @pytest.mark.parametrize("env_id", lv.SHARED_REWARD + ("navigation", "dispersion"))

@@ -4,7 +4,7 @@ lv_happo_mpe.py, textually the same, is tested there)."""
 import numpy as np
 import pytest
 import torch
-from conftest import assert_contract, flag_error, only_run_dir, random_policy_returns, read_scalars, run_script
+from conftest import assert_contract, flag_error, only_run_dir, parse, random_policy_returns, read_scalars, run_script
 from torch.distributions import kl_divergence
 from torch.nn.utils import parameters_to_vector
 
@@ -28,7 +28,7 @@ def step_batch(continuous: bool, seed: int = 0) -> tuple:
 @pytest.mark.parametrize("continuous", [True, False])
 def test_trpo_step_stays_in_the_trust_region_and_improves(continuous):
     actor, obs, actions, logprob, advantages, factor = step_batch(continuous)
-    args = lv.parse_args([])
+    args = parse(lv)
     with torch.no_grad():
         old_dist = actor.distribution(obs)
     before = lv.surrogate(logprob, logprob, advantages, factor).item()
@@ -47,14 +47,14 @@ def test_trpo_step_without_improvement_keeps_the_parameters(continuous):
     actor, obs, actions, logprob, advantages, factor = step_batch(continuous)
     before = parameters_to_vector(actor.parameters()).clone()
     # no signal: all advantages zero
-    result = lv.trpo_step(actor, obs, actions, logprob, torch.zeros(256), factor, lv.parse_args([]))
+    result = lv.trpo_step(actor, obs, actions, logprob, torch.zeros(256), factor, parse(lv))
     assert result[2] == 0.0 and torch.equal(parameters_to_vector(actor.parameters()), before)
     # a line search that accepts nothing (no step improves by 1e9 times its linear prediction)
-    args = lv.parse_args(["--accept-ratio", "1e9"])
+    args = parse(lv, "--accept-ratio", "1e9")
     assert lv.trpo_step(actor, obs, actions, logprob, advantages, factor, args) == (0.0, args.ls_steps, 0.0)
     assert torch.equal(parameters_to_vector(actor.parameters()), before)
     # a non-finite surrogate is no step at all
-    assert lv.trpo_step(actor, obs, actions, logprob, advantages * np.nan, factor, lv.parse_args([])) is None
+    assert lv.trpo_step(actor, obs, actions, logprob, advantages * np.nan, factor, parse(lv)) is None
     assert torch.equal(parameters_to_vector(actor.parameters()), before)
 
 
