@@ -447,7 +447,7 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
     return finite
 
 
-def make_envs(args: Args, device: torch.device, num_envs: int, seed: int, replay_dir: str = "") -> Any:
+def make_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_dir: str = "") -> Any:
     if args.backend == "smax":
         return SMAXEnvs(args.env_id, num_envs, seed, device, args.max_steps)
     game = importlib.import_module("smac.env").StarCraft2Env
@@ -543,6 +543,11 @@ if __name__ == "__main__":
 
         wandb_run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
         wandb.init(**wandb_run, sync_tensorboard=True)
+    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -555,21 +560,17 @@ if __name__ == "__main__":
 
     # env setup: SMAX compiles its step here; StarCraft II starts one game per environment
     try:
-        envs = make_envs(args, device, args.num_envs, args.seed)
+        envs = make_env(args, args.num_envs, args.seed, device)
     except Exception as error:  # StarCraft II missing or broken (SMAX's own errors keep their traceback)
         if args.backend == "sc2":
             fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
         raise
     next_ = envs.reset()
-    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
     # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
     if args.eval_every or args.save_model or args.capture_video:
         replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
-        eval_envs = make_envs(
-            args, device, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, replays
+        eval_envs = make_env(
+            args, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, device, replays
         )
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
     critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)

@@ -215,6 +215,11 @@ class VMASEnvs:
         next_obs, next_state = self._arrays(obs) if done_envs else (final_obs, final_state)
         return next_obs, next_state, reward, terminated, truncated, final_state
 
+    def close(self) -> None:
+        """Closes the renderer's window if one was opened (the simulator itself is tensors only)."""
+        if self.env.viewer is not None:
+            self.env.viewer.close()
+
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -388,6 +393,7 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
     if frames:
         save_video = importlib.import_module("gymnasium.utils.save_video").save_video  # needs moviepy: imported here
         save_video(frames, video_folder, fps=30, name_prefix=args.env_id)
+    envs.close()
     shared[:] = saved
     return returns.tolist()
 
@@ -627,6 +633,7 @@ if __name__ == "__main__":
             write_checkpoint()
 
     progress.close()
+    envs.close()
     if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         write_checkpoint()
         writer.close()

@@ -167,24 +167,22 @@ class MultiAgentArrays(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(
-        self, env_id: str, num_agents: Optional[int], continuous_actions: bool, max_cycles: int, render_mode=None
-    ):
-        kwargs = {"N": num_agents or 3} if env_id == "simple_spread_v3" else {}
-        module = importlib.import_module(f"mpe2.{env_id}")
+    def __init__(self, args: Args, render_mode: Optional[str] = None):
+        kwargs = {"N": args.num_agents or 3} if args.env_id == "simple_spread_v3" else {}
+        module = importlib.import_module(f"mpe2.{args.env_id}")
         self.env = module.raw_env(
-            continuous_actions=continuous_actions, max_cycles=max_cycles, render_mode=render_mode, **kwargs
+            continuous_actions=args.continuous_actions, max_cycles=args.max_cycles, render_mode=render_mode, **kwargs
         )
-        self.render_mode, self.continuous = render_mode, continuous_actions
+        self.render_mode, self.continuous = render_mode, args.continuous_actions
         self.agents = list(self.env.possible_agents)
         self.act_spaces = [self.env.action_space(a) for a in self.agents]
         self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
-        self.act_dims = [s.shape[0] if continuous_actions else int(s.n) for s in self.act_spaces]
+        self.act_dims = [s.shape[0] if self.continuous else int(s.n) for s in self.act_spaces]
         n = len(self.agents)
         obs_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.obs_dims)), np.float32)
         state_space = gym.spaces.Box(-np.inf, np.inf, self.env.state_space.shape, np.float32)
         self.observation_space = gym.spaces.Dict({"obs": obs_space, "state": state_space})
-        if continuous_actions:
+        if self.continuous:
             self.action_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.act_dims)), np.float32)
         else:
             self.action_space = gym.spaces.MultiDiscrete(self.act_dims)
@@ -216,12 +214,12 @@ class MultiAgentArrays(gym.Env):
         return self.env.render()
 
 
-def make_env(env_id: str, num_agents: Optional[int], continuous_actions: bool, max_cycles: int, render_mode=None):
+def make_env(args: Args, render_mode: Optional[str] = None):
     def thunk():
         if multiprocessing.parent_process() is not None:  # an async worker: interrupts are the learner's to handle
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return MultiAgentArrays(env_id, num_agents, continuous_actions, max_cycles, render_mode)
+        return MultiAgentArrays(args, render_mode)
 
     return thunk
 
@@ -424,7 +422,7 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
 
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
     """Team returns of deterministic episodes on an environment of their own, seeded apart from training's."""
-    env = make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles, "rgb_array")()
+    env = make_env(args, "rgb_array")()
     if video_folder is not None:
         env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
     returns = []
@@ -494,7 +492,7 @@ if __name__ == "__main__":
     torch.set_num_threads(args.torch_threads)
 
     # env setup: SAME_STEP autoreset puts a truncated episode's final state, which the critic bootstraps, in infos
-    env_fns = [make_env(args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)] * args.num_envs
+    env_fns = [make_env(args)] * args.num_envs
     vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
     envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs_dims, act_dims = envs.get_attr("obs_dims")[0], envs.get_attr("act_dims")[0]  # each agent's own sizes

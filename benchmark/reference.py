@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lv_happo_mpe import MultiAgentArrays  # noqa: E402
+from lv_happo_mpe import Args, MultiAgentArrays  # noqa: E402
 
 
 def greedy_assignment(positions: np.ndarray, landmarks: np.ndarray) -> list:
@@ -46,7 +46,7 @@ def controller_actions(obs: np.ndarray, assignment: list, gain: float, damping: 
 
 
 def episode_returns(num_agents: int, episodes: int, policy: str, gain: float = 10.0, damping: float = 2.0) -> list:
-    env, rng, returns = MultiAgentArrays("simple_spread_v3", num_agents, True, 25), np.random.default_rng(0), []
+    env, rng, returns = MultiAgentArrays(Args(num_agents=num_agents)), np.random.default_rng(0), []
     for episode in range(episodes):
         arrays, total, done = env.reset(seed=episode)[0], 0.0, False
         obs = arrays["obs"]

@@ -84,13 +84,6 @@ def script_args(script: str, flags: list):
     return module, tyro.cli(module.Args, args=flags)
 
 
-def adapter_args(args) -> tuple:
-    """The arguments of an MPE or MaMuJoCo script's `make_env` and `MultiAgentArrays` for its parsed flags."""
-    if hasattr(args, "agent_conf"):  # MaMuJoCo: the adapter reads its flags
-        return (args,)
-    return (args.env_id, args.num_agents, args.continuous_actions, args.max_cycles)
-
-
 def raw_sps(script: str, flags: list, steps: int) -> float:
     """Joint steps per second of the script's environments in one process, driven by random actions."""
     module, args = script_args(script, flags)
@@ -98,7 +91,7 @@ def raw_sps(script: str, flags: list, steps: int) -> float:
         return raw_smax_sps(module, args, steps)
     if hasattr(args, "max_steps") and hasattr(module, "VMASEnvs"):  # VMAS: the script's adapter, random actions
         return raw_vmas_sps(module, args, steps)
-    env_fns = [module.make_env(*adapter_args(args)) for _ in range(args.num_envs)]
+    env_fns = [module.make_env(args) for _ in range(args.num_envs)]
     envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
     envs.action_space.seed(0)
@@ -129,7 +122,7 @@ def library_sps(script: str, flags: list, steps: int) -> Optional[float]:
     if hasattr(args, "agent_conf"):  # MaMuJoCo: the parallel_env the script's adapter builds and wraps
 
         def make():
-            return module.MultiAgentArrays(*adapter_args(args)).env
+            return module.MultiAgentArrays(args).env
     else:  # MPE: the script's adapter drives mpe2's raw_env, so build mpe2's parallel_env here
         kwargs = {"N": args.num_agents or 3} if args.env_id == "simple_spread_v3" else {}
         mpe = importlib.import_module(f"mpe2.{args.env_id}")

@@ -21,6 +21,7 @@ from conftest import (
     assert_one_line_error,
     flag_error,
     only_run_dir,
+    parse,
     random_policy_returns,
     read_scalars,
     run_script,
@@ -119,7 +120,7 @@ def test_gradient_step_skips_a_non_finite_loss_or_gradient(bad):
 
 
 def test_heterogeneous_agents_are_padded_and_sliced():
-    env = lv.MultiAgentArrays("simple_speaker_listener_v4", None, True, 25)
+    env = lv.MultiAgentArrays(parse(lv, "--env-id", "simple_speaker_listener_v4"))
     assert env.obs_dims == [3, 11] and env.act_dims == [3, 5]
     obs, _ = env.reset(seed=0)
     assert obs["obs"].shape == (2, 11) and obs["state"].shape == (14,)
@@ -160,7 +161,9 @@ def test_act_samples_each_actor_and_its_mode():
 @pytest.mark.parametrize("continuous", [True, False])
 def test_wrapper_steps_as_mpe2_parallel_env_does(env_id, continuous):
     # the wrapper drives mpe2's raw AEC env itself (no PettingZoo parallel conversion): the numbers must not change
-    env = lv.MultiAgentArrays(env_id, None, continuous, 7)
+    env = lv.MultiAgentArrays(
+        parse(lv, "--env-id", env_id, "--max-cycles", "7", *([] if continuous else ["--no-continuous-actions"]))
+    )
     reference = importlib.import_module(f"mpe2.{env_id}").parallel_env(continuous_actions=continuous, max_cycles=7)
     rng, episode_ends = np.random.default_rng(0), 0
     obs, _ = env.reset(seed=5)
@@ -283,7 +286,7 @@ def test_bad_input_ends_before_anything_starts(tmp_cwd):
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
-    random_return = np.mean(random_policy_returns(lv.MultiAgentArrays("simple_spread_v3", 3, True, 25), 100, 0, 1))
+    random_return = np.mean(random_policy_returns(lv.MultiAgentArrays(parse(lv, "--num-agents", "3")), 100, 0, 1))
     result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "60000", "--seed", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]

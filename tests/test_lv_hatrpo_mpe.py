@@ -90,7 +90,7 @@ def test_bad_flags_are_refused(flags, message):
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
-    random_returns = random_policy_returns(lv.MultiAgentArrays("simple_spread_v3", 3, True, 25), 100, 0, 1)
+    random_returns = random_policy_returns(lv.MultiAgentArrays(parse(lv, "--num-agents", "3")), 100, 0, 1)
     result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "100000", "--seed", "1", cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]

@@ -1,0 +1,110 @@
+"""The scripts are siblings: each is self-contained, so the pieces they share are copies, and the copies must stay
+textually identical (a fix to one is a fix to all), and every script sets up in the same order. Differences that an
+environment or a method truly needs are named here, with the reason."""
+
+import ast
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = ["lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_smac.py", "lv_happo_vmas.py"]
+EVERY = set(SCRIPTS)
+GYM = {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py"}  # gymnasium's vector API, one env per thunk
+# piece: the scripts whose copies must be identical; every other script's own version is named in DIFFERENT
+SHARED = {
+    "fail": EVERY,
+    "POSITIVE": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py"},
+    "layer_init": EVERY,
+    "mlp": EVERY,
+    "ValueNorm": EVERY,
+    "compute_gae": EVERY,
+    "factor_used": EVERY,
+    "actor_loss": {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"},
+    "critic_loss": EVERY,
+    "gradient_step": EVERY,
+    "make_env": GYM,
+    "Actor": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
+    "head": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
+    "act": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
+    "evaluate": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py"},
+    "RESUME_MAY_CHANGE": EVERY,
+    "load_checkpoint": EVERY,
+}
+DIFFERENT = {
+    ("POSITIVE", "lv_happo_mamujoco.py"): "its own positive flags (max_episode_steps)",
+    ("POSITIVE", "lv_happo_smac.py"): "its own positive flags (max_steps, no num_agents)",
+    ("POSITIVE", "lv_happo_vmas.py"): "its own positive flags (max_steps)",
+    (
+        "actor_loss",
+        "lv_hatrpo_mpe.py",
+    ): "a trust-region step on the linear surrogate instead (`surrogate`, `trpo_step`)",
+    ("actor_loss", "lv_happo_smac.py"): "a mean over the alive agents' samples only (dead agents are masked out)",
+    ("make_env", "lv_happo_smac.py"): "batched simulators (SMAX vmapped, StarCraft II processes), not thunks",
+    ("make_env", "lv_happo_vmas.py"): "one batched simulator (`VMASEnvs`), not thunks",
+    ("Actor", "lv_happo_mamujoco.py"): "Gaussian policies only",
+    ("Actor", "lv_happo_smac.py"): "categorical policies over the available actions",
+    ("head", "lv_happo_mamujoco.py"): "Gaussian policies only",
+    ("head", "lv_happo_smac.py"): "no separate head: the available-action mask is the actor's",
+    ("act", "lv_happo_mamujoco.py"): "Gaussian policies only",
+    ("act", "lv_happo_smac.py"): "available-action masks; every SMAX agent of a map has the same sizes",
+    ("evaluate", "lv_happo_mamujoco.py"): "MuJoCo's off-screen rendering, and a warning where it cannot render",
+    ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
+    ("evaluate", "lv_happo_vmas.py"): "one batch of episodes, VMAS's shared random state",
+}
+# the set-up of the main block, in CleanRL's order
+SETUP = [
+    "args = tyro.cli(Args)",
+    "check_args(args)",
+    "load_checkpoint(args)",
+    "run_name = ",
+    "wandb.init(",
+    "writer = SummaryWriter(",
+    "# TRY NOT TO MODIFY: seeding",
+    "# env setup",
+    "critic_optimizer = ",
+    "# ALGO Logic: Storage setup",
+    "# TRY NOT TO MODIFY: checkpoints hold",
+    "# TRY NOT TO MODIFY: start the game",
+    "for iteration in range(start_iteration, args.num_iterations + 1):",
+    "# ALGO LOGIC: sequential ",
+    "# ALGO LOGIC: critic update",
+    "# TRY NOT TO MODIFY: record rewards",
+]
+
+
+def pieces(script: str) -> dict:
+    """{name: source text} of the script's module-level functions, classes and assignments."""
+    source = (ROOT / script).read_text()
+    found = {}
+    for node in ast.parse(source).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []
+        names += [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in names:  # a name assigned twice (POSITIVE = ...; POSITIVE = ...) keeps both texts
+            found[name] = found.get(name, "") + ast.get_source_segment(source, node) + "\n"
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_pieces_are_identical(name):
+    texts = {script: pieces(script).get(name) for script in SCRIPTS}
+    copies = {texts[script] for script in SHARED[name]}
+    assert None not in copies, f"{name} is missing from {[s for s in SHARED[name] if texts[s] is None]}"
+    assert len(copies) == 1, f"{name} differs between {sorted(SHARED[name])}: copy the changed one to the others"
+    for script in EVERY - SHARED[name]:  # a script outside the group says why, or has no such piece
+        assert (name, script) in DIFFERENT or texts[script] is None, f"{script}'s {name}: share it or name why not"
+
+
+def test_named_differences_are_real():
+    for name, script in DIFFERENT:
+        assert script not in SHARED[name] and pieces(script).get(name) != pieces(min(SHARED[name])).get(name)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_main_block_sets_up_in_the_same_order(script):
+    source = (ROOT / script).read_text()
+    main = source[source.index('if __name__ == "__main__":') :]
+    positions = [main.find(marker) for marker in SETUP]
+    assert -1 not in positions, [marker for marker, at in zip(SETUP, positions, strict=True) if at == -1]
+    assert positions == sorted(positions), [
+        marker for marker, _ in sorted(zip(SETUP, positions, strict=True), key=lambda p: p[1])
+    ]
