@@ -1,4 +1,4 @@
-# lv_happo_mamujoco.py: LV-HAPPO on Multi-Agent MuJoCo (gymnasium-robotics). Docs: README.md, "lv_happo_mamujoco.py".
+# lv_happo_mamujoco.py: LV-HAPPO on Multi-Agent MuJoCo (gymnasium-robotics). Docs: docs/lv_happo_mamujoco.md
 import contextlib
 import importlib.util
 import io
@@ -22,7 +22,6 @@ import tyro
 from torch import Tensor
 from torch.distributions import Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 with contextlib.redirect_stderr(io.StringIO()):  # gymnasium-robotics prints a notice about Adroit tasks at import
     from gymnasium_robotics import mamujoco_v1
@@ -553,7 +552,6 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
     recent_returns, mean_return, bad_updates = [], float("nan"), 0
-    progress = tqdm(initial=global_step, total=args.num_iterations * args.batch_size, disable=not sys.stderr.isatty())
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
@@ -670,14 +668,11 @@ if __name__ == "__main__":
             mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
-        progress.update(args.batch_size)
-        progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
-        sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
+        print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
             write_checkpoint()
 
-    progress.close()
     envs.close()
     if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         write_checkpoint()

@@ -1,4 +1,4 @@
-# lv_happo_smac.py: LV-HAPPO on SMAC, with SMAX (JaxMARL) or StarCraft II (smac). Docs: README.md, "lv_happo_smac.py".
+# lv_happo_smac.py: LV-HAPPO on SMAC, with SMAX (JaxMARL) or StarCraft II (smac). Docs: docs/lv_happo_smac.md
 import contextlib
 import importlib.util
 import math
@@ -19,7 +19,6 @@ import tyro
 from torch import Tensor
 from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 SC2_INSTALL = (
     "the sc2 backend needs StarCraft II and smac: unzip SC2.4.10.zip from github.com/Blizzard/s2client-proto, "
@@ -627,7 +626,6 @@ if __name__ == "__main__":
     start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
     episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
     recent_returns, recent_wins, mean_return, win_rate, bad_updates = [], [], float("nan"), float("nan"), 0
-    progress = tqdm(initial=global_step, total=args.num_iterations * args.batch_size, disable=not sys.stderr.isatty())
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
@@ -761,15 +759,12 @@ if __name__ == "__main__":
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
             for name, values in zip(("episodic_return", "win_rate"), evaluate(actors, eval_envs, args), strict=True):
                 writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
-        progress.update(args.batch_size)
         line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
-        progress.write(line)
-        sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
+        print(line, flush=True)
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
             write_checkpoint()
 
-    progress.close()
     envs.close()
     if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         write_checkpoint()

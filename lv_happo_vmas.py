@@ -1,4 +1,4 @@
-# lv_happo_vmas.py: LV-HAPPO on VMAS, the whole loop on one device. Docs: README.md, section "lv_happo_vmas.py".
+# lv_happo_vmas.py: LV-HAPPO on VMAS, the whole loop on one device. Docs: docs/lv_happo_vmas.md
 import contextlib
 import importlib
 import importlib.util
@@ -21,7 +21,6 @@ import tyro
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 # scenarios whose agents all receive the same reward (checked by the tests): the team reward is that reward;
 # in every other scenario it is the sum of the agents' rewards
@@ -506,7 +505,6 @@ if __name__ == "__main__":
     start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
     episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
     recent_returns, mean_return, bad_updates = [], float("nan"), 0
-    progress = tqdm(initial=global_step, total=args.num_iterations * args.batch_size, disable=not sys.stderr.isatty())
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if interrupted:
@@ -625,14 +623,11 @@ if __name__ == "__main__":
             mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
-        progress.update(args.batch_size)
-        progress.write(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}")
-        sys.stdout.flush()  # the line reaches a log file now, not when the buffer fills
+        print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
             write_checkpoint()
 
-    progress.close()
     envs.close()
     if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         write_checkpoint()

@@ -1,22 +1,13 @@
 """Tests of lv_happo_mpe.py: the math of its pieces, then the script run as a user runs it."""
 
-import fcntl
 import importlib
 import math
-import os
-import pty
-import select
-import struct
-import subprocess
-import sys
-import termios
 import typing
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
-    ROOT,
     assert_contract,
     assert_one_line_error,
     flag_error,
@@ -218,24 +209,6 @@ def test_heterogeneous_discrete_async_raw_factor_with_saved_model_and_video(tmp_
     assert_contract(scalars, 2, [100, 200])
     assert [step for step, _ in scalars["eval/episodic_return"]] == [200]
     assert (run_dir / "lv_happo_mpe.cleanrl_model").exists() and list((tmp_cwd / "videos").rglob("*.mp4"))
-
-
-def test_progress_bar_on_a_terminal(tmp_cwd):
-    # tqdm draws on stderr when it is a terminal (a pseudo-terminal here); log files get the plain lines only
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
-    command = [sys.executable, str(ROOT / SCRIPT), *TINY]
-    result = subprocess.run(command, cwd=tmp_cwd, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=300)
-    os.close(terminal)
-    drawn = b""
-    while select.select([controller], [], [], 0.1)[0]:
-        try:
-            drawn += os.read(controller, 65536)
-        except OSError:
-            break
-    os.close(controller)
-    assert result.returncode == 0 and b"200/200" in drawn and b"%|" in drawn
-    assert "global_step=200" in result.stdout and "%|" not in result.stdout
 
 
 def test_same_seed_same_losses(tmp_path):
