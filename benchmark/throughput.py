@@ -11,10 +11,12 @@ For each setting, alternately (so that the machine's noise hits both alike):
          before the clock starts) by a single process: what stepping these simulators costs without our adapter.
 The table reports the medians over --repeats and the ratios train / library and train / raw.
 
-    python benchmark/throughput.py --settings mpe-n3 mpe-n5 mpe-n3-paper mpe-n5-paper --repeats 3
-    python benchmark/throughput.py --settings mpe-n2 mpe-n3 mpe-n5 mpe-n8 --repeats 3   # scaling in N
-    python benchmark/throughput.py --settings smax-3m smax-3s5z --steps 320000 --repeats 3
-    python benchmark/throughput.py --settings vmas-n3 vmas-n5 vmas-n3-paper-epochs vmas-n5-paper-epochs --steps 1024000
+The settings are benchmark/run.py's; flags after `--` are added to each (a row is named by both):
+
+    python benchmark/throughput.py --settings mpe-spread-n3 mpe-spread-n5 paper-mpe-spread-n3 --repeats 3
+    python benchmark/throughput.py --settings mpe-spread-n3 mpe-spread-n5 --repeats 3 -- --vector-env async
+    python benchmark/throughput.py --settings smax-3m --steps 320000 --repeats 3
+    python benchmark/throughput.py --plot     # the MPE rows against N, from the CSV
 """
 
 import argparse
@@ -31,6 +33,7 @@ from typing import Optional
 
 import gymnasium as gym
 import numpy as np
+import run
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -41,42 +44,7 @@ FIELDS = [
     "setting", "command", "library_sps", "raw_sps", "train_sps", "ratio_library", "ratio", "rollout_ms_per_step",
     "raw_ms_per_step", "update_ms", "raw_all", "train_all", "library_all",
 ]  # fmt: skip
-PAPER_EPOCHS = ["--update-epochs", "5", "--critic-epochs", "5", "--num-minibatches", "1"]  # one full batch
-# name: (script, flags); flags are the script's own, and the raw stepping reads the environment ones
-SETTINGS = {
-    "mpe-n2": ("lv_happo_mpe.py", ["--num-agents", "2"]),
-    "mpe-n3": ("lv_happo_mpe.py", ["--num-agents", "3"]),
-    "mpe-n5": ("lv_happo_mpe.py", ["--num-agents", "5"]),
-    "mpe-n3-paper": ("lv_happo_mpe.py", ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200"]),
-    "mpe-n5-paper": ("lv_happo_mpe.py", ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200"]),
-    "mpe-n8": ("lv_happo_mpe.py", ["--num-agents", "8"]),
-    "mamujoco-halfcheetah-6x1": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1"]),
-    "mamujoco-halfcheetah-6x1-paper": (
-        "lv_happo_mamujoco.py",
-        ["--agent-conf", "6x1", "--num-envs", "20", "--update-epochs", "15", "--critic-epochs", "15"]
-        + ["--hidden-sizes", "128", "128", "128", "--clip-coef", "0.05"],
-    ),
-    "mamujoco-halfcheetah-6x1-async": ("lv_happo_mamujoco.py", ["--agent-conf", "6x1", "--vector-env", "async"]),
-    "hatrpo-mpe-n3": ("lv_hatrpo_mpe.py", ["--num-agents", "3"]),
-    "hatrpo-mpe-n5": ("lv_hatrpo_mpe.py", ["--num-agents", "5"]),
-    "smax-3m": ("lv_happo_smac.py", ["--env-id", "3m"]),
-    "smax-3s5z": ("lv_happo_smac.py", ["--env-id", "3s5z"]),
-    "smax-3m-paper": ("lv_happo_smac.py", ["--env-id", "3m", "--num-envs", "20", "--num-steps", "160"]),
-    "vmas-n3": ("lv_happo_vmas.py", ["--num-agents", "3"]),
-    "vmas-n5": ("lv_happo_vmas.py", ["--num-agents", "5"]),
-    "vmas-n3-paper-epochs": ("lv_happo_vmas.py", ["--num-agents", "3", *PAPER_EPOCHS]),
-    "vmas-n5-paper-epochs": ("lv_happo_vmas.py", ["--num-agents", "5", *PAPER_EPOCHS]),
-    "mpe-n3-async": ("lv_happo_mpe.py", ["--num-agents", "3", "--vector-env", "async"]),
-    "mpe-n5-async": ("lv_happo_mpe.py", ["--num-agents", "5", "--vector-env", "async"]),
-    "mpe-n3-paper-async": (
-        "lv_happo_mpe.py",
-        ["--num-agents", "3", "--num-envs", "20", "--num-steps", "200", "--vector-env", "async"],
-    ),
-    "mpe-n5-paper-async": (
-        "lv_happo_mpe.py",
-        ["--num-agents", "5", "--num-envs", "20", "--num-steps", "200", "--vector-env", "async"],
-    ),
-}
+SETTINGS = run.SETTINGS  # the launcher's settings; a measurement may add flags after `--`
 
 
 def script_args(script: str, flags: list):
@@ -196,7 +164,7 @@ def train_sps(script: str, flags: list, steps: int) -> tuple:
 
 
 def plot_scaling(csv_path: str, png_path: str) -> None:
-    """Per-iteration update time and per-step rollout time of lv_happo_mpe.py against N (settings mpe-n2..n8)."""
+    """Per-iteration update time and per-step rollout time of lv_happo_mpe.py against N (mpe-spread-n2 to n8)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +172,7 @@ def plot_scaling(csv_path: str, png_path: str) -> None:
 
     with open(csv_path, newline="") as f:
         rows = {row["setting"]: row for row in csv.DictReader(f)}
-    points = [(n, rows[f"mpe-n{n}"]) for n in (2, 3, 5, 8) if f"mpe-n{n}" in rows]
+    points = [(n, rows[f"mpe-spread-n{n}"]) for n in (2, 3, 5, 8) if f"mpe-spread-n{n}" in rows]
     ns = [n for n, _ in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(ns, [float(r["update_ms"]) for _, r in points], "o-")
@@ -225,14 +193,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100_000, help="joint steps per measurement")
     parser.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "throughput.csv"))
     parser.add_argument("--plot", action="store_true", help="only draw the scaling in N from --out's CSV, to PNG")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags added to every setting")
     args = parser.parse_args()
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     if args.plot:
         plot_scaling(args.out, str(Path(args.out).with_name("throughput_scaling.png")))
         return
 
     rows = []
-    for name in args.settings:
-        script, flags = SETTINGS[name]
+    for setting in args.settings:
+        script, flags = SETTINGS[setting]
+        flags, name = [*flags, *extra], " ".join([setting, *extra])
         libraries, raws, trains, rollouts, updates = [], [], [], [], []
         for _ in range(args.repeats):
             libraries.append(library_sps(script, flags, args.steps))

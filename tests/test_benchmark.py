@@ -127,7 +127,7 @@ def test_slurm_task_resumes_a_cut_run_and_appends_to_its_log(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
-    "setting", ["mpe-n2", "mamujoco-halfcheetah-6x1", "hatrpo-mpe-n3", "mpe-n3-paper", "smax-3m", "vmas-n3"]
+    "setting", ["mpe-spread-n2", "mamujoco-halfcheetah-6x1", "hatrpo-mpe-spread-n3", "smax-3m", "vmas-spread-n3"]
 )
 def test_throughput_library_baseline(setting):
     # the library column steps PettingZoo's parallel API (mpe2, MaMuJoCo); the batched simulators have none
@@ -152,7 +152,7 @@ def test_a_cut_short_run_goes_on_from_its_checkpoint(tmp_path, capsys):
     assert "--eval-every 25 --checkpoint-every 25" in out and "--resume runs/" in out
 
 
-@pytest.mark.parametrize("setting", ["mpe-n2", "mamujoco-halfcheetah-6x1", "vmas-n3"])
+@pytest.mark.parametrize("setting", ["mpe-spread-n2", "paper-mamujoco-ant-8x1", "vmas-spread-n3"])
 def test_throughput_raw_stepping(setting):
     script, flags = throughput.SETTINGS[setting]
     assert throughput.raw_sps(script, flags, 64) > 0
