@@ -61,6 +61,8 @@ class Args:
     """if toggled, record the final evaluation episodes as videos under `videos/{run_name}` (MUJOCO_GL=egl)"""
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
+    eval_model: Optional[str] = None
+    """evaluate this saved model (a `.cleanrl_model` of --save-model) in --eval-episodes episodes, without training"""
     checkpoint_every: int = 0
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
@@ -130,7 +132,7 @@ class Args:
     eval_every: int = 0
     """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
     eval_episodes: int = 10
-    """the number of deterministic evaluation episodes (with --eval-every, --save-model or --capture-video)"""
+    """the number of deterministic evaluation episodes (--eval-every, --eval-model, --save-model, --capture-video)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -180,6 +182,11 @@ def check_args(args: Args) -> Optional[str]:
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (
+            args.eval_model and (args.resume or args.save_model),
+            "--eval-model trains nothing: drop --resume/--save-model",
+        ),
     ]
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
@@ -453,6 +460,21 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def load_model(path: str, actors: nn.ModuleList) -> None:
+    """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that says what does not fit."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)["actors"]
+    except Exception as error:
+        fail(f"cannot read the model {path} (a .cleanrl_model of --save-model?): {error!r:.200}")
+    if (agents := len({name.split(".")[0] for name in saved})) != len(actors):
+        fail(f"{path} holds the actors of {agents} agents, this environment has {len(actors)}")
+    for name, tensor in actors.state_dict().items():  # "0.net.1.weight": agent 0's first linear layer
+        if name not in saved or saved[name].shape != tensor.shape:
+            there = tuple(saved[name].shape) if name in saved else "missing"
+            fail(f"{path} does not fit: {name} is {there} there, {tuple(tensor.shape)} here (other sizes or layers)")
+    actors.load_state_dict(saved)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if (problem := check_args(args)) is not None:
@@ -460,7 +482,7 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    args.num_iterations = 0 if args.eval_model else max(1, args.total_timesteps // args.batch_size)  # 0: no training
     checkpoint = None if args.resume is None else load_checkpoint(args)
     run_name = f"{args.env_id}_{args.agent_conf}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
@@ -511,6 +533,8 @@ if __name__ == "__main__":
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
+    if args.eval_model is not None:  # no training: the final evaluation below, of the saved actors
+        load_model(args.eval_model, actors)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
@@ -685,9 +709,10 @@ if __name__ == "__main__":
         torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
-    if args.eval_every or args.save_model or args.capture_video:
+    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
         episodic_returns = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
-        print(f"eval: mean episodic_return={np.mean(episodic_returns):.2f} over {len(episodic_returns)} episodes")
+        mean, std = np.mean(episodic_returns), np.std(episodic_returns)
+        print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
 
     writer.close()

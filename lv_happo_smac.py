@@ -46,6 +46,8 @@ class Args:
     """if toggled, record evaluation episodes under `videos/{run_name}`: a GIF (smax) or StarCraft II replays (sc2)"""
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
+    eval_model: Optional[str] = None
+    """evaluate this saved model (a `.cleanrl_model` of --save-model) in --eval-episodes episodes, without training"""
     checkpoint_every: int = 0
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
@@ -109,7 +111,7 @@ class Args:
     eval_every: int = 0
     """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
     eval_episodes: int = 32
-    """the number of deterministic evaluation episodes (with --eval-every, --save-model or --capture-video)"""
+    """the number of deterministic evaluation episodes (--eval-every, --eval-model, --save-model, --capture-video)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -144,6 +146,11 @@ def check_args(args: Args) -> Optional[str]:
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (
+            args.eval_model and (args.resume or args.save_model),
+            "--eval-model trains nothing: drop --resume/--save-model",
+        ),
     ]
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
@@ -519,6 +526,21 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def load_model(path: str, actors: nn.ModuleList) -> None:
+    """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that says what does not fit."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)["actors"]
+    except Exception as error:
+        fail(f"cannot read the model {path} (a .cleanrl_model of --save-model?): {error!r:.200}")
+    if (agents := len({name.split(".")[0] for name in saved})) != len(actors):
+        fail(f"{path} holds the actors of {agents} agents, this environment has {len(actors)}")
+    for name, tensor in actors.state_dict().items():  # "0.net.1.weight": agent 0's first linear layer
+        if name not in saved or saved[name].shape != tensor.shape:
+            there = tuple(saved[name].shape) if name in saved else "missing"
+            fail(f"{path} does not fit: {name} is {there} there, {tuple(tensor.shape)} here (other sizes or layers)")
+    actors.load_state_dict(saved)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     # read by XLA when jax is first imported: GPU memory left to torch; on the CPU, one thread beside torch's
@@ -531,7 +553,7 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    args.num_iterations = 0 if args.eval_model else max(1, args.total_timesteps // args.batch_size)  # 0: no training
     checkpoint = None if args.resume is None else load_checkpoint(args)
     run_name = f"{args.env_id}_{args.backend}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
@@ -566,7 +588,7 @@ if __name__ == "__main__":
         raise
     next_ = envs.reset()
     # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
-    if args.eval_every or args.save_model or args.capture_video:
+    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
         replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
         eval_envs = make_env(
             args, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, device, replays
@@ -579,6 +601,8 @@ if __name__ == "__main__":
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
+    if args.eval_model is not None:  # no training: the final evaluation below, of the saved actors
+        load_model(args.eval_model, actors)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs, num_agents, obs_dim), device=device)  # (T, E, N, obs_dim)
@@ -777,11 +801,12 @@ if __name__ == "__main__":
         torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
-    if args.eval_every or args.save_model or args.capture_video:
+    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
         results = evaluate(actors, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
         for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
             writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
-        print(f"eval: mean episodic_return={np.mean(results[0]):.2f}, win_rate={np.mean(results[1]):.2f}")
+        returns, wins = results
+        print(f"eval: episodic_return {np.mean(returns):.2f} ± {np.std(returns):.2f}, win rate {np.mean(wins):.2f}")
         eval_envs.close()
 
     writer.close()

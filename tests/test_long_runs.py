@@ -60,6 +60,24 @@ def test_resumed_run_is_the_continued_run(tmp_path, script):
     assert [step for step, _ in b["charts/SPS"]] == [batch, 2 * batch, 3 * batch, 4 * batch]
 
 
+@pytest.mark.parametrize("script", list(TINY))
+def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
+    flags, batch = TINY[script]
+    result = run_script(
+        script, *flags, "--total-timesteps", str(batch), "--save-model", "--eval-episodes", "2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    (model,) = (tmp_path / "runs").glob("*/*.cleanrl_model")
+    result = run_script(script, *flags, "--eval-model", str(model), "--eval-episodes", "3", cwd=tmp_path)
+    assert result.returncode == 0 and "global_step" not in result.stdout, result.stderr  # no iteration ran
+    assert re.search(r"^eval: episodic_return -?[\d.]+ ± [\d.]+", result.stdout, re.M), result.stdout
+    assert ("win rate" in result.stdout) == (script == "lv_happo_smac.py")
+    # a model of other layer sizes: one line that names the misfit, no traceback
+    result = run_script(script, *flags, "--hidden-sizes", "8", "--eval-model", str(model), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "does not fit: 0.net.1.weight is" in result.stderr
+
+
 def test_resume_appends_without_duplicated_steps_after_a_crash(tmp_path):
     """A run killed after its checkpoint logged iterations that its resumed run logs again: those are purged."""
     flags = [*MPE_FLAGS, "--checkpoint-every", "2"]

@@ -29,6 +29,7 @@ SHARED = {
     "evaluate": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py"},
     "RESUME_MAY_CHANGE": EVERY,
     "load_checkpoint": EVERY,
+    "load_model": EVERY,
 }
 DIFFERENT = {
     ("POSITIVE", "lv_happo_mamujoco.py"): "its own positive flags (max_episode_steps)",
