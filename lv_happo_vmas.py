@@ -428,7 +428,7 @@ def load_model(path: str, actors: nn.ModuleList) -> None:
     except Exception as error:
         fail(f"cannot read the model {path} (a .cleanrl_model of --save-model?): {error!r:.200}")
     if (agents := len({name.split(".")[0] for name in saved})) != len(actors):
-        fail(f"{path} holds the actors of {agents} agents, this environment has {len(actors)}")
+        fail(f"{path} holds {agents} actors, this run builds {len(actors)} (one per agent, or one with --share-actor)")
     for name, tensor in actors.state_dict().items():  # "0.net.1.weight": agent 0's first linear layer
         if name not in saved or saved[name].shape != tensor.shape:
             there = tuple(saved[name].shape) if name in saved else "missing"

@@ -258,10 +258,44 @@ def test_bad_input_ends_before_anything_starts(tmp_cwd):
         assert_one_line_error(result, "--track needs wandb: pip install wandb", tmp_cwd)
 
 
-def test_short_learning_run_beats_random_policy(tmp_cwd):
+@pytest.mark.parametrize("share", [(), ("--share-actor",)], ids=["separate", "shared"])
+def test_short_learning_run_beats_random_policy(tmp_cwd, share):
     random_return = np.mean(random_policy_returns(lv.MultiAgentArrays(parse(lv, "--num-agents", "3")), 100, 0, 1))
-    result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "60000", "--seed", "1", cwd=tmp_cwd)
+    result = run_script(SCRIPT, "--num-agents", "3", "--total-timesteps", "60000", "--seed", "1", *share, cwd=tmp_cwd)
     assert result.returncode == 0, result.stderr
     returns = read_scalars(only_run_dir(tmp_cwd))["charts/episodic_return"]
     final = np.mean([value for step, value in returns if step > 50_000])  # the last 10 iterations, 400 episodes
     assert final > random_return + 8, (final, random_return)
+
+
+def test_shared_actor_is_one_network_that_every_agent_uses(tmp_cwd):
+    flags = (*TINY, "--share-actor", "--checkpoint-every", "2", "--save-model", "--eval-episodes", "1")
+    result = run_script(SCRIPT, *flags, "--num-minibatches", "2", cwd=tmp_cwd)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_cwd)
+    assert_contract(read_scalars(run_dir), 3, [100, 200])  # the factor at 3 positions, 1 for the first
+    model = torch.load(run_dir / "lv_happo_mpe.cleanrl_model", weights_only=True)["actors"]
+    assert {name.split(".")[0] for name in model} == {"0"} and model["0.net.0.weight"].shape == (18 + 3,)  # + id
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert [name for name in checkpoint if name.startswith("actor_optimizer")] == ["actor_optimizer_0"]
+    env = lv.MultiAgentArrays(parse(lv, "--share-actor"))
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs["obs"][:, -3:], np.eye(3))  # each agent's observation ends in its id
+    assert "differ in size" in flag_error(lv, "--share-actor", "--env-id", "simple_speaker_listener_v4")
+
+
+def test_shared_update_carries_each_agents_ratio_into_the_factor():
+    # the factor after agents (a, b) is r_a * r_b on every sample; the next agent's weight is min(M, 1) (LV-HAPPO)
+    torch.manual_seed(0)
+    actor = lv.Actor(4, 2, True, (8,), "sigmoid")
+    obs, logs = torch.randn(5, 4), {"approx_kl": [], "clipfrac": []}
+    actions = actor.distribution(obs).sample()
+    now = actor.distribution(obs).log_prob(actions)
+    behaviour_a, behaviour_b = now - torch.log(torch.tensor(2.0)), now + torch.log(torch.tensor(4.0))  # r 2, 1/4
+    factor = torch.ones(5)
+    factor = factor * lv.agent_ratio(actor, obs, actions, behaviour_a, 0.2, logs)
+    torch.testing.assert_close(lv.factor_used(factor, "clipped", 1.0), torch.ones(5))
+    torch.testing.assert_close(lv.factor_used(factor, "raw", 1.0), torch.full((5,), 2.0))
+    factor = factor * lv.agent_ratio(actor, obs, actions, behaviour_b, 0.2, logs)
+    torch.testing.assert_close(factor, torch.full((5,), 0.5))
+    assert logs["clipfrac"] == [1.0, 1.0] and len(logs["approx_kl"]) == 2
