@@ -112,6 +112,8 @@ class Args:
     """the upper bound c of the clipped factor"""
     fixed_order: bool = False
     """if toggled, update the agents in their fixed order instead of a random permutation per iteration"""
+    share_actor: bool = False
+    """if toggled, one actor for all agents (their observation and a one-hot id), updated as in the paper's code"""
     eval_every: int = 0
     """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
     eval_episodes: int = 100
@@ -186,18 +188,21 @@ class VMASEnvs:
             self.env = vmas.make_env(args.env_id, num_envs, device, args.continuous_actions, **kwargs)
         if args.num_agents is not None and self.env.n_agents != args.num_agents:
             raise ValueError(f"it always has {self.env.n_agents} agents")
-        self.num_envs, self.continuous = num_envs, args.continuous_actions
+        self.num_envs, self.continuous, self.share_actor = num_envs, args.continuous_actions, args.share_actor
         self.shared_reward = args.env_id in SHARED_REWARD
         self.agents = self.env.agents
-        self.obs_dims = [space.shape[0] for space in self.env.observation_space]
+        self.state_dim = sum(space.shape[0] for space in self.env.observation_space)
+        n = len(self.agents)  # a shared actor tells the agents apart by a one-hot id after the observation
+        self.obs_dims = [space.shape[0] + n * self.share_actor for space in self.env.observation_space]
         self.act_dims = [
             self.env.get_agent_action_size(a) if self.continuous else int(s.n)
             for a, s in zip(self.agents, self.env.action_space, strict=True)
         ]
-        self.state_dim = sum(self.obs_dims)
 
     def _arrays(self, obs: list) -> tuple:
         padded = torch.stack([F.pad(o, (0, max(self.obs_dims) - o.shape[-1])) for o in obs], 1)
+        if self.share_actor:
+            padded[..., -len(obs) :] = torch.eye(len(obs), device=padded.device)
         return padded, torch.cat(obs, -1)
 
     def reset(self, seed: Optional[int] = None) -> tuple:
@@ -355,6 +360,45 @@ def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, facto
     return -(factor * surrogate).mean()
 
 
+def agent_samples(b_obs: Tensor, b_actions: Tensor, b_logprobs: Tensor, agent: int, act_dim: int) -> tuple:
+    """One agent's observations, actions (its own action dimensions) and behaviour log-probabilities in the batch."""
+    actions = b_actions[:, agent, :act_dim] if b_actions.dim() == 3 else b_actions[:, agent]
+    return b_obs[:, agent], actions, b_logprobs[:, agent]
+
+
+def agent_step(
+    actor: nn.Module, optimizer, obs, actions, oldlogprob, advantages, factor, args: Args, logs: dict
+) -> bool:
+    """One gradient step of an agent's actor on a minibatch, on -E[M * clipped surrogate] - ent_coef * entropy;
+    False when it was skipped for a non-finite loss or gradient."""
+    dist = actor.distribution(obs)
+    newlogprob, entropy_loss = dist.log_prob(actions), dist.entropy().mean()
+    pg_loss = actor_loss(newlogprob, oldlogprob, advantages, factor, args.clip_coef)
+    logs["policy_loss"].append(pg_loss.item())
+    logs["entropy"].append(entropy_loss.item())
+    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+
+
+@torch.no_grad()
+def agent_ratio(
+    actor: nn.Module, obs: Tensor, actions: Tensor, oldlogprob: Tensor, clip_coef: float, logs: dict
+) -> Tensor:
+    """The agent's ratio pi_now / pi_behaviour on every sample, with the update's approximate KL and clip fraction."""
+    logratio = actor.distribution(obs).log_prob(actions) - oldlogprob
+    ratio = logratio.exp()
+    logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
+    logs["clipfrac"].append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
+    return ratio
+
+
+def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
+    """The factor M seen at position k of the order, and the variance of M_used * A (SPEC's `lv/` tags)."""
+    writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
+    writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
+    writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
+    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().item(), step)
+
+
 def critic_loss(
     newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
 ) -> Tensor:
@@ -477,10 +521,13 @@ if __name__ == "__main__":
     obs_shape = (num_agents, max(obs_dims))  # (num_agents, max_obs_dim)
     action_shape = (num_agents, max(act_dims)) if args.continuous_actions else (num_agents,)
 
-    actors = nn.ModuleList(
-        Actor(obs_dim, act_dim, args.continuous_actions, args.hidden_sizes, args.std_param)
-        for obs_dim, act_dim in zip(obs_dims, act_dims, strict=True)
-    ).to(device)
+    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
+        sizes = f"observations of {sorted(set(obs_dims))} and actions of {sorted(set(act_dims))}"
+        fail(f"--share-actor needs agents of one observation and action size, not {sizes}")
+    sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]  # one actor, or one each
+    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
+    actors = actors.to(device)
+    policies = [actors[0]] * num_agents if args.share_actor else list(actors)  # agent i acts with policies[i]
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
@@ -548,7 +595,7 @@ if __name__ == "__main__":
             obs[step], states[step] = next_obs, next_state
 
             # ALGO LOGIC: each agent acts on its own observation with its own actor
-            actions[step], logprobs[step] = act(actors, next_obs)
+            actions[step], logprobs[step] = act(policies, next_obs)
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, next_state, rewards[step], terminated, truncated, final_states[step] = envs.step(
@@ -586,36 +633,38 @@ if __name__ == "__main__":
         factor = torch.ones(args.batch_size, device=device)
         b_inds = np.arange(args.batch_size)
         logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
-        for k, agent in enumerate(order):
+        for k, agent in enumerate([] if args.share_actor else order):  # separate actors: agent after agent
             m_used = factor_used(factor, args.factor, args.factor_clip)
-            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
-            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-            writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
-            writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
-
+            log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
             actor, optimizer = actors[agent], actor_optimizers[agent]
-            a_obs, a_logprobs = b_obs[:, agent], b_logprobs[:, agent]
-            a_actions = b_actions[:, agent, : actor.act_dim] if args.continuous_actions else b_actions[:, agent]
+            a_obs, a_actions, a_logprobs = agent_samples(b_obs, b_actions, b_logprobs, agent, actor.act_dim)
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
-                    mb_inds = b_inds[start : start + args.minibatch_size]
-                    dist = actor.distribution(a_obs[mb_inds])
-                    newlogprob, entropy_loss = dist.log_prob(a_actions[mb_inds]), dist.entropy().mean()
-                    mb_adv, mb_factor = b_advantages[mb_inds], m_used[mb_inds]
-                    pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, args.clip_coef)
-                    loss = pg_loss - args.ent_coef * entropy_loss
-                    skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
-                    logs["policy_loss"].append(pg_loss.item())
-                    logs["entropy"].append(entropy_loss.item())
+                    mb = b_inds[start : start + args.minibatch_size]
+                    mb_args = (a_obs[mb], a_actions[mb], a_logprobs[mb], b_advantages[mb], m_used[mb], args)
+                    skipped += not agent_step(actor, optimizer, *mb_args, logs)
+            # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
+            factor = factor * agent_ratio(actor, a_obs, a_actions, a_logprobs, args.clip_coef, logs)
 
-            with torch.no_grad():
-                logratio = actor.distribution(a_obs).log_prob(a_actions) - a_logprobs
-                ratio = logratio.exp()
-                logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
-                logs["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                factor = factor * ratio
+        # ALGO LOGIC: one shared actor (the paper's shared-parameter update): in each epoch the factor starts at 1;
+        # for each minibatch, every agent in the order takes one step on its own samples, and the factor takes on
+        # that agent's ratio pi_now / pi_behaviour on every sample
+        for epoch in range(args.update_epochs if args.share_actor else 0):
+            factor = torch.ones(args.batch_size, device=device)
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                for k, agent in enumerate(order):
+                    m_used = factor_used(factor, args.factor, args.factor_clip)
+                    if epoch == args.update_epochs - 1 and start == 0:  # the factors of the last epoch's first pass
+                        log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
+                    a_obs, a_actions, a_logprobs = agent_samples(b_obs, b_actions, b_logprobs, agent, actors[0].act_dim)
+                    mb_args = (a_obs[mb], a_actions[mb], a_logprobs[mb], b_advantages[mb], m_used[mb], args)
+                    skipped += not agent_step(actors[0], actor_optimizers[0], *mb_args, logs)
+                    last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
+                    ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # KL of the update's end
+                    factor = factor * agent_ratio(actors[0], a_obs, a_actions, a_logprobs, args.clip_coef, ratio_logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
@@ -646,7 +695,7 @@ if __name__ == "__main__":
         if recent_returns:
             mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
-            writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
+            writer.add_scalar("eval/episodic_return", np.mean(evaluate(policies, args, device)), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         last_iteration = iteration
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
@@ -665,7 +714,7 @@ if __name__ == "__main__":
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
     if args.eval_every or args.eval_model or args.save_model or args.capture_video:
-        episodic_returns = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
+        episodic_returns = evaluate(policies, args, device, f"videos/{run_name}" if args.capture_video else None)
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
         mean, std = np.mean(episodic_returns), np.std(episodic_returns)
         print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")

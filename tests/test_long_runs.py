@@ -78,6 +78,20 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     assert len(result.stderr.strip().splitlines()) == 1 and "does not fit: 0.net.1.weight is" in result.stderr
 
 
+@pytest.mark.parametrize("script", ["lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"])
+def test_a_shared_actor_trains_saves_as_one_and_evaluates(tmp_path, script):
+    flags, batch = TINY[script]
+    flags = [*flags, "--share-actor", "--eval-episodes", "2"]
+    result = run_script(script, *flags, "--total-timesteps", str(batch), "--save-model", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (model,) = (tmp_path / "runs").glob("*/*.cleanrl_model")
+    assert {name.split(".")[0] for name in torch.load(model, weights_only=True)["actors"]} == {"0"}
+    result = run_script(script, *flags, "--eval-model", str(model), cwd=tmp_path)
+    assert result.returncode == 0 and "eval: episodic_return" in result.stdout, result.stderr
+    result = run_script(script, *[f for f in flags if f != "--share-actor"], "--eval-model", str(model), cwd=tmp_path)
+    assert result.returncode == 1 and "holds 1 actors, this run builds" in result.stderr  # one actor per agent here
+
+
 def test_resume_appends_without_duplicated_steps_after_a_crash(tmp_path):
     """A run killed after its checkpoint logged iterations that its resumed run logs again: those are purged."""
     flags = [*MPE_FLAGS, "--checkpoint-every", "2"]

@@ -9,6 +9,7 @@ from conftest import ROOT
 
 SCRIPTS = ["lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_smac.py", "lv_happo_vmas.py"]
 EVERY = set(SCRIPTS)
+SHARING = {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"}  # --share-actor so far
 GYM = {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py"}  # gymnasium's vector API, one env per thunk
 # piece: the scripts whose copies must be identical; every other script's own version is named in DIFFERENT
 SHARED = {
@@ -21,6 +22,10 @@ SHARED = {
     "factor_used": EVERY,
     "actor_loss": {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"},
     "critic_loss": EVERY,
+    "agent_samples": SHARING,
+    "agent_step": SHARING,
+    "agent_ratio": SHARING,
+    "log_factor": SHARING,
     "gradient_step": EVERY,
     "make_env": GYM,
     "Actor": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
