@@ -108,6 +108,8 @@ class Args:
     """the upper bound c of the clipped factor"""
     fixed_order: bool = False
     """if toggled, update the agents in their fixed order instead of a random permutation per iteration"""
+    share_actor: bool = False
+    """if toggled, one actor for all agents (their observation and a one-hot id), updated as in the paper's code"""
     eval_every: int = 0
     """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
     eval_episodes: int = 32
@@ -330,14 +332,17 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float
 
 
 class Actor(nn.Module):
-    """One agent's categorical policy over its local observation, restricted to its available actions."""
+    """An agent's categorical policy over its local observation, restricted to its available actions; one actor
+    shared by num_ids agents reads the observation with the agent's one-hot id appended."""
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...]):
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...], num_ids: int = 0):
         super().__init__()
-        self.net = mlp(obs_dim, hidden_sizes, num_actions, out_std=0.01)
+        self.num_ids, self.net = num_ids, mlp(obs_dim + num_ids, hidden_sizes, num_actions, out_std=0.01)
 
-    def distribution(self, obs: Tensor, avail: Tensor) -> Categorical:
+    def distribution(self, obs: Tensor, avail: Tensor, agent: int) -> Categorical:
         """The categorical over the available actions only: unavailable ones get probability zero."""
+        if self.num_ids:
+            obs = torch.cat([obs, F.one_hot(torch.tensor(agent), self.num_ids).to(obs).expand(*obs.shape[:-1], -1)], -1)
         return Categorical(logits=self.net(obs).masked_fill(~avail, -torch.inf))
 
 
@@ -346,7 +351,7 @@ def act(actors: nn.ModuleList, obs: Tensor, avail: Tensor, deterministic: bool =
     """obs (E, N, obs_dim), avail (E, N, A) -> actions (E, N), log-probabilities (E, N)."""
     actions, logprobs = [], []
     for i, actor in enumerate(actors):  # each agent acts on its own observation, among its available actions
-        dist = actor.distribution(obs[:, i], avail[:, i])
+        dist = actor.distribution(obs[:, i], avail[:, i], i)
         actions.append(dist.mode if deterministic else dist.sample())
         logprobs.append(dist.log_prob(actions[-1]))
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
@@ -428,6 +433,53 @@ def actor_loss(
     ratio = (newlogprob - oldlogprob).exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
     return -masked_mean(factor * surrogate, mask)
+
+
+def agent_samples(batch: tuple, agent: int, state_type: str) -> list:
+    """One agent's observations, available actions, actions, behaviour log-probabilities, advantages (its own with
+    the FP critic, the team's with EP) and alive mask, from the batch (obs, avail, actions, logprobs, adv, active)."""
+    b_obs, b_avail, b_actions, b_logprobs, b_advantages, b_active = batch
+    advantages = b_advantages[:, agent if state_type == "FP" else 0]
+    return [
+        b_obs[:, agent],
+        b_avail[:, agent],
+        b_actions[:, agent],
+        b_logprobs[:, agent],
+        advantages,
+        b_active[:, agent],
+    ]
+
+
+def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, factor: Tensor, args: Args, logs: dict) -> bool:
+    """One gradient step of an agent's actor on a minibatch of its samples, on -E[M * clipped surrogate] - ent_coef *
+    entropy over its living samples (a dead agent's forced no-op teaches nothing); False when skipped."""
+    obs, avail, actions, oldlogprob, advantages, mask = samples
+    dist = actor.distribution(obs, avail, agent)
+    newlogprob, entropy_loss = dist.log_prob(actions), masked_mean(dist.entropy(), mask)
+    pg_loss = actor_loss(newlogprob, oldlogprob, advantages, factor, mask, args.clip_coef)
+    logs["policy_loss"].append(pg_loss.item())
+    logs["entropy"].append(entropy_loss.item())
+    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+
+
+@torch.no_grad()
+def agent_ratio(actor: nn.Module, agent: int, samples: list, clip_coef: float, logs: dict) -> Tensor:
+    """The agent's ratio pi_now / pi_behaviour on every sample (1 where it is dead), with the update's approximate
+    KL and clip fraction over its living samples."""
+    obs, avail, actions, oldlogprob, _, mask = samples
+    logratio = actor.distribution(obs, avail, agent).log_prob(actions) - oldlogprob
+    ratio = logratio.exp()
+    logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, mask).item())
+    logs["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > clip_coef).float(), mask).item())
+    return torch.where(mask > 0, ratio, torch.ones_like(ratio))
+
+
+def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
+    """The factor M seen at position k of the order, and the variance of M_used * A (SPEC's `lv/` tags)."""
+    writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
+    writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
+    writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
+    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
 
 
 def critic_loss(
@@ -596,7 +648,12 @@ if __name__ == "__main__":
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
     critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
 
-    actors = nn.ModuleList(Actor(obs_dim, num_actions, args.hidden_sizes) for _ in range(num_agents)).to(device)
+    num_ids = num_agents if args.share_actor else 0  # one actor and the agents' ids, or one actor per agent
+    actors = nn.ModuleList(
+        Actor(obs_dim, num_actions, args.hidden_sizes, num_ids) for _ in range(1 if num_ids else num_agents)
+    )
+    actors = actors.to(device)
+    policies = [actors[0]] * num_agents if args.share_actor else list(actors)  # agent i acts with policies[i]
     critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
@@ -670,7 +727,7 @@ if __name__ == "__main__":
             active_masks[step] = next_["active"]
 
             # ALGO LOGIC: each agent acts on its own observation, among its available actions
-            actions[step], logprobs[step] = act(actors, next_["obs"], next_["avail"])
+            actions[step], logprobs[step] = act(policies, next_["obs"], next_["avail"])
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_ = envs.step(actions[step])
@@ -713,40 +770,40 @@ if __name__ == "__main__":
         factor = torch.ones(args.batch_size, device=device)
         b_inds = np.arange(args.batch_size)
         logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
-        for k, agent in enumerate(order):
+        batch = (b_obs, b_avail, b_actions, b_logprobs, b_advantages, b_active)
+        for k, agent in enumerate([] if args.share_actor else order):  # separate actors: agent after agent
             m_used = factor_used(factor, args.factor, args.factor_clip)
-            a_advantages = b_advantages[:, agent if args.state_type == "FP" else 0]
-            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
-            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-            writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
-            a_mask = b_active[:, agent]  # the living agent's samples: a dead agent's forced no-op teaches nothing
-            writer.add_scalar(
-                f"lv/adv_variance_{k}", (m_used * a_advantages)[a_mask > 0].var().nan_to_num(), global_step
-            )
-
+            samples = agent_samples(batch, agent, args.state_type)  # obs, avail, actions, logprobs, advantages, alive
+            log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, global_step)
             actor, optimizer = actors[agent], actor_optimizers[agent]
-            a_obs, a_avail, a_actions, a_logprobs = (x[:, agent] for x in (b_obs, b_avail, b_actions, b_logprobs))
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
-                    mb_inds = b_inds[start : start + args.minibatch_size]
-                    dist = actor.distribution(a_obs[mb_inds], a_avail[mb_inds])
-                    mb_adv, mb_factor, mb_mask = a_advantages[mb_inds], m_used[mb_inds], a_mask[mb_inds]
-                    newlogprob, entropy_loss = dist.log_prob(a_actions[mb_inds]), masked_mean(dist.entropy(), mb_mask)
-                    pg_loss = actor_loss(newlogprob, a_logprobs[mb_inds], mb_adv, mb_factor, mb_mask, args.clip_coef)
-                    loss = pg_loss - args.ent_coef * entropy_loss
-                    skipped += not gradient_step(optimizer, loss, actor.parameters(), args.max_grad_norm)
-                    logs["policy_loss"].append(pg_loss.item())
-                    logs["entropy"].append(entropy_loss.item())
+                    mb = b_inds[start : start + args.minibatch_size]
+                    skipped += not agent_step(actor, optimizer, agent, [x[mb] for x in samples], m_used[mb], args, logs)
+            # the next agent sees M * pi_new^{i_k} / pi_old^{i_k} (unclipped; 1 for a dead agent's forced no-op)
+            factor = factor * agent_ratio(actor, agent, samples, args.clip_coef, logs)
 
-            with torch.no_grad():
-                newlogprob = actor.distribution(a_obs, a_avail).log_prob(a_actions)
-                logratio = newlogprob - a_logprobs
-                ratio = logratio.exp()
-                logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, a_mask).item())
-                logs["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), a_mask).item())
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k} (unclipped; 1 for a dead agent's forced no-op)
-                factor = factor * torch.where(a_mask > 0, ratio, torch.ones_like(ratio))
+        # ALGO LOGIC: one shared actor (the paper's shared-parameter update): in each epoch the factor starts at 1;
+        # for each minibatch, every agent in the order takes one step on its own samples, and the factor takes on
+        # that agent's ratio pi_now / pi_behaviour on every sample
+        for epoch in range(args.update_epochs if args.share_actor else 0):
+            factor = torch.ones(args.batch_size, device=device)
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                for k, agent in enumerate(order):
+                    m_used = factor_used(factor, args.factor, args.factor_clip)
+                    samples = agent_samples(batch, agent, args.state_type)
+                    if epoch == args.update_epochs - 1 and start == 0:  # the factors of the last epoch's first pass
+                        weighted = (m_used * samples[4])[samples[5] > 0]
+                        log_factor(writer, k, factor, weighted, args.factor_clip, global_step)
+                    skipped += not agent_step(
+                        actors[0], actor_optimizers[0], agent, [x[mb] for x in samples], m_used[mb], args, logs
+                    )
+                    last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
+                    ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # KL of the update's end
+                    factor = factor * agent_ratio(actors[0], agent, samples, args.clip_coef, ratio_logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
@@ -781,7 +838,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/win_rate", np.mean(recent_wins), global_step)
             mean_return, win_rate, recent_returns, recent_wins = np.mean(recent_returns), np.mean(recent_wins), [], []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
-            for name, values in zip(("episodic_return", "win_rate"), evaluate(actors, eval_envs, args), strict=True):
+            for name, values in zip(("episodic_return", "win_rate"), evaluate(policies, eval_envs, args), strict=True):
                 writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
         print(line, flush=True)
@@ -802,7 +859,7 @@ if __name__ == "__main__":
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
     if args.eval_every or args.eval_model or args.save_model or args.capture_video:
-        results = evaluate(actors, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
+        results = evaluate(policies, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
         for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
             writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         returns, wins = results

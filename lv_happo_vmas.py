@@ -396,7 +396,7 @@ def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, 
     writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
     writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
     writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
-    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().item(), step)
+    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
 
 
 def critic_loss(

@@ -81,6 +81,13 @@ for task, (env_id, conf, epochs, clip, lr, critic_lr, anneal, ent) in PAIR_TASKS
     flags += ["--clip-coef", str(clip), "--learning-rate", str(lr), "--critic-learning-rate", str(critic_lr)]
     flags += ["--ent-coef", str(ent), *PAIRS] + (["--anneal-lr"] if anneal else [])
     SETTINGS[f"paper-mamujoco-{task}"] = ("lv_happo_mamujoco.py", flags)
+# the paper's shared-parameter SMAC run without a recurrent actor (SPEC.md): one actor at lr 1e-4, the critic at 5e-4
+SHARED_6H = SETTINGS["paper-smax-6h_vs_8z"][1].copy()
+SHARED_6H[SHARED_6H.index("--learning-rate") + 1] = "1e-4"
+SETTINGS["paper-smax-6h_vs_8z-shared"] = (
+    "lv_happo_smac.py",
+    [*SHARED_6H, "--share-actor", "--critic-learning-rate", "5e-4"],
+)
 # the same with the entropy bonus the paper's code applied to continuous actions: its sum over the 4,000-sample batch
 # of the coefficient 0.01 made an effective 40 on the mean (HARL issue #52; the README's entropy note)
 ENT40 = SETTINGS["paper-mpe-spread-n3"][1].copy()

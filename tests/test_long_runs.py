@@ -78,7 +78,7 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     assert len(result.stderr.strip().splitlines()) == 1 and "does not fit: 0.net.1.weight is" in result.stderr
 
 
-@pytest.mark.parametrize("script", ["lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"])
+@pytest.mark.parametrize("script", ["lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_smac.py", "lv_happo_vmas.py"])
 def test_a_shared_actor_trains_saves_as_one_and_evaluates(tmp_path, script):
     flags, batch = TINY[script]
     flags = [*flags, "--share-actor", "--eval-episodes", "2"]

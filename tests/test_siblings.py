@@ -9,7 +9,7 @@ from conftest import ROOT
 
 SCRIPTS = ["lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_smac.py", "lv_happo_vmas.py"]
 EVERY = set(SCRIPTS)
-SHARING = {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"}  # --share-actor so far
+SHARING = {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"}  # the update's pieces, without masks
 GYM = {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py"}  # gymnasium's vector API, one env per thunk
 # piece: the scripts whose copies must be identical; every other script's own version is named in DIFFERENT
 SHARED = {
@@ -25,7 +25,7 @@ SHARED = {
     "agent_samples": SHARING,
     "agent_step": SHARING,
     "agent_ratio": SHARING,
-    "log_factor": SHARING,
+    "log_factor": EVERY - {"lv_hatrpo_mpe.py"},
     "gradient_step": EVERY,
     "make_env": GYM,
     "Actor": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
@@ -53,6 +53,9 @@ DIFFERENT = {
     ("head", "lv_happo_smac.py"): "no separate head: the available-action mask is the actor's",
     ("act", "lv_happo_mamujoco.py"): "Gaussian policies only",
     ("act", "lv_happo_smac.py"): "available-action masks; every SMAX agent of a map has the same sizes",
+    ("agent_samples", "lv_happo_smac.py"): "available actions, alive masks and the FP critic's per-agent advantages",
+    ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples, among its available actions",
+    ("agent_ratio", "lv_happo_smac.py"): "a dead agent's forced no-op contributes a ratio of 1",
     ("evaluate", "lv_happo_mamujoco.py"): "MuJoCo's off-screen rendering, and a warning where it cannot render",
     ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
     ("evaluate", "lv_happo_vmas.py"): "one batch of episodes, VMAS's shared random state",
