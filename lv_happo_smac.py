@@ -163,7 +163,7 @@ def check_args(args: Args) -> Optional[str]:
         )
     with quiet_stdout():  # the maps the backend knows
         if args.backend == "smax":
-            maps = importlib.import_module("jaxmarl.environments.smax.smax_env").MAP_NAME_TO_SCENARIO
+            maps = smax_maps()
         else:
             maps = importlib.import_module("smac.env.starcraft2.maps.smac_maps").get_smac_map_registry()
     if args.env_id not in maps:
@@ -183,6 +183,22 @@ def quiet_stdout():
     os.close(saved)
 
 
+MARINE_MAPS = {"8m_vs_9m": (8, 9)}  # SMAC's marine maps that SMAX lacks: (allies, enemies), marines all
+
+
+def smax_maps() -> dict:
+    """SMAX's scenarios by map name, with SMAC's marine maps that it lacks."""
+    import jax.numpy as jnp
+
+    with quiet_stdout():
+        smax = importlib.import_module("jaxmarl.environments.smax.smax_env")
+    for name, (allies, enemies) in MARINE_MAPS.items():  # unit type 0: marine
+        smax.register_scenario(
+            name, smax.Scenario(jnp.zeros(allies + enemies, jnp.uint8), allies, enemies, False, False)
+        )
+    return smax.MAP_NAME_TO_SCENARIO
+
+
 RESET_KEYS = ("obs", "state", "avail", "active")  # what both backends' reset() returns; step() adds the rest
 STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs", "final_state")
 
@@ -199,10 +215,9 @@ class SMAXEnvs:
 
         with quiet_stdout():
             from jaxmarl import make
-            from jaxmarl.environments.smax import map_name_to_scenario
         self.jax, self.jnp, self.device, self.num_envs = jax, jnp, device, num_envs
         limit = {} if max_steps is None else {"max_steps": max_steps}  # SMAX's own (100 steps) otherwise
-        self.env = env = make("HeuristicEnemySMAX", scenario=map_name_to_scenario(map_name), **limit)
+        self.env = env = make("HeuristicEnemySMAX", scenario=smax_maps()[map_name], **limit)
         self.num_agents = n = env.num_agents
         self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
         self.num_actions = int(env.action_spaces[env.agents[0]].n)

@@ -269,3 +269,12 @@ def test_short_learning_run_beats_random_policy(tmp_cwd, smax_3m):
     scalars = read_scalars(only_run_dir(tmp_cwd))
     last = [value for step, value in scalars["charts/episodic_return"] if step > 96000 - 3200 * 5]
     assert np.mean(last) > random_return + 0.3, (np.mean(last), random_return)
+
+
+def test_smac_marine_map_that_smax_lacks():
+    # 8m_vs_9m, a map of the paper's shared-parameter runs: 8 marines against 9, built from SMAX's marine
+    envs = lv.SMAXEnvs("8m_vs_9m", num_envs=2, seed=0, device=torch.device("cpu"))
+    out = envs.step(envs.reset()["avail"].float().argmax(-1))
+    assert envs.num_agents == 8 and out["obs"].shape[:2] == (2, 8) and out["avail"].shape[1] == 8
+    assert envs.env.num_enemies == 9
+    assert flag_error(lv, "--env-id", "8m_vs_9m") == ""
