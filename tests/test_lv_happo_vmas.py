@@ -96,7 +96,7 @@ def test_end_to_end_logs_the_contract(tmp_cwd, env_id, flags, num_agents):
     if env_id == "simple_spread":  # every episode is truncated at 25 steps, all 32 environments at once
         assert [value for _, value in scalars["charts/episodic_length"]] == [25.0] * 64
         assert [step for step, _ in scalars["eval/episodic_return"]] == [800, 1600]
-        assert "eval: mean episodic_return=" in result.stdout
+        assert "eval: episodic_return " in result.stdout
 
 
 def test_trains_without_moviepy(tmp_cwd, monkeypatch):
