@@ -159,7 +159,7 @@ def check_args(args: Args) -> Optional[str]:
         (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
         (
             args.eval_model and (args.resume or args.save_model),
-            "--eval-model trains nothing: drop --resume/--save-model",
+            "--eval-model only evaluates: drop --resume, --save-model",
         ),
     ]
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
