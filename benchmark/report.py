@@ -166,8 +166,11 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
         for run in (run for run in runs if run["setting"] == setting):
             key = (run["variant"], int(run["seed"]))
             group[key] = (run, points_of(curves, setting, *key, metric))
-        finals = {key: final_value(points, run["last_step"], metric) for key, (run, points) in group.items()}
-        finals = {key: value for key, value in finals.items() if group[key][0]["complete"]}
+        finals = {
+            key: final_value(points, run["last_step"], metric)
+            for key, (run, points) in group.items()
+            if run["complete"]
+        }
         variants = sorted({variant for variant, _ in group}, key=lambda v: (v not in VARIANT_NAMES, v))
         for variant in variants:
             seeds = sorted(seed for v, seed in finals if v == variant)
@@ -223,10 +226,11 @@ def plot_setting(setting: str, curves: list, runs: list, path: Path) -> None:
     mine = [run for run in runs if run["setting"] == setting]
     for i, variant in enumerate(sorted({run["variant"] for run in mine})):
         colour, complete = COLOURS.get(variant, f"C{i + 4}"), []
-        for run in (run for run in mine if run["variant"] == variant):
+        for j, run in enumerate(run for run in mine if run["variant"] == variant):
             points = points_of(curves, setting, variant, int(run["seed"]), metric)
             if points:
-                ax.plot(*zip(*points, strict=True), color=colour, alpha=0.3, linewidth=0.7)
+                label = f"{VARIANT_NAMES.get(variant, variant)}, each seed" if j == 0 else None
+                ax.plot(*zip(*points, strict=True), color=colour, alpha=0.3, linewidth=0.7, label=label)
                 complete += [points] if run["complete"] else []
         if complete:
             steps = [step for step, _ in min(complete, key=len)]
