@@ -26,7 +26,7 @@ def test_masked_categorical_matches_hand_computation():
     with torch.no_grad():  # logits 1, 2, 3, 4 whatever the observation
         actor.net[-1].weight.zero_()
         actor.net[-1].bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    dist = actor.distribution(torch.randn(1, 3), torch.tensor([[True, False, True, False]]))
+    dist = actor.distribution(torch.randn(1, 3), torch.tensor([[True, False, True, False]]), 0)
     # only actions 0 and 2: p = softmax([1, 3]) = [1, e^2] / (1 + e^2)
     p0, p2 = 1 / (1 + math.e**2), math.e**2 / (1 + math.e**2)
     torch.testing.assert_close(dist.probs, torch.tensor([[p0, 0.0, p2, 0.0]]))
@@ -43,7 +43,7 @@ def test_acting_chooses_available_actions_only():
     greedy, _ = lv.act(actors, obs, avail, deterministic=True)
     assert avail.gather(-1, actions.unsqueeze(-1)).all() and avail.gather(-1, greedy.unsqueeze(-1)).all()
     for i, actor in enumerate(actors):
-        dist = actor.distribution(obs[:, i], avail[:, i])
+        dist = actor.distribution(obs[:, i], avail[:, i], i)
         torch.testing.assert_close(logprobs[:, i], dist.log_prob(actions[:, i]))
         assert torch.equal(greedy[:, i], dist.probs.argmax(-1))
 
@@ -278,3 +278,13 @@ def test_smac_marine_map_that_smax_lacks():
     assert envs.num_agents == 8 and out["obs"].shape[:2] == (2, 8) and out["avail"].shape[1] == 8
     assert envs.env.num_enemies == 9
     assert flag_error(lv, "--env-id", "8m_vs_9m") == ""
+
+
+def test_a_shared_actor_reads_the_agents_one_hot_id():
+    torch.manual_seed(0)
+    actor = lv.Actor(5, 4, (8,), num_ids=3)
+    obs, avail = torch.randn(2, 5), torch.tensor([[True, True, False, True]] * 2)
+    dist = actor.distribution(obs, avail, 2)
+    logits = actor.net(torch.cat([obs, torch.tensor([[0.0, 0.0, 1.0]] * 2)], -1)).masked_fill(~avail, -torch.inf)
+    torch.testing.assert_close(dist.probs, torch.softmax(logits, -1))
+    assert not torch.allclose(dist.probs, actor.distribution(obs, avail, 0).probs)  # another agent, another policy
