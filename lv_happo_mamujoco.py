@@ -67,8 +67,6 @@ class Args:
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
     """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
-    max_bad_updates: int = 3
-    """stop after this many iterations in a row that skipped a gradient step for a non-finite loss or gradient"""
 
     # Algorithm specific arguments
     env_id: str = "HalfCheetah"
@@ -164,18 +162,15 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
-# numeric flags that must be above zero; every numeric flag must be finite and not negative
-POSITIVE = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
-POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
-POSITIVE += ["critic_learning_rate"]
-
-
 def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta torch_threads").split()
+    positive += ["critic_learning_rate"]
     for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in POSITIVE else value >= 0)
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
         if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in POSITIVE else "a finite number, not negative"
+            words = "a positive number" if name in positive else "a finite number, not negative"
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
         (args.env_id not in ENV_IDS, f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"),
@@ -184,11 +179,9 @@ def check_args(args: Args) -> Optional[str]:
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (
-            args.eval_model and (args.resume or args.save_model),
-            "--eval-model only evaluates: drop --resume, --save-model",
-        ),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
     ]
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
@@ -363,26 +356,16 @@ class ValueNorm(nn.Module):
 
 
 def compute_gae(
-    rewards: Tensor,
-    values: Tensor,
-    next_value: Tensor,
-    terminations: Tensor,
-    truncations: Tensor,
-    final_values: Tensor,
-    gamma: float,
-    gae_lambda: float,
+    rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
 ) -> Tensor:
-    """GAE(gamma, lambda) over (num_steps, num_envs), exact at episode ends: delta_t = r_t + gamma * V_next_t - V(s_t),
-    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is V(s_{t+1}) inside an episode, 0 after
-    a termination and V(final state) (final_values) after a truncation."""
-    next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
-    next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
-    not_done = 1.0 - torch.maximum(terminations, truncations)
+    """GAE(gamma, lambda) over (num_steps, num_envs): delta_t = r_t + gamma * V_next_t - V(s_t) and
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is the value of the state that step t
+    reached (the final state where an episode ended), 0 after a termination."""
     advantages = torch.zeros_like(values)
     lastgaelam = torch.zeros_like(values[0])
     for t in reversed(range(rewards.shape[0])):
         delta = rewards[t] + gamma * next_values[t] - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * not_done[t] * lastgaelam
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
     return advantages
 
 
@@ -398,17 +381,10 @@ def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, facto
     return -(factor * surrogate).mean()
 
 
-def agent_samples(b_obs: Tensor, b_actions: Tensor, b_logprobs: Tensor, agent: int, act_dim: int) -> tuple:
-    """One agent's observations, actions (its own action dimensions) and behaviour log-probabilities in the batch."""
-    actions = b_actions[:, agent, :act_dim] if b_actions.dim() == 3 else b_actions[:, agent]
-    return b_obs[:, agent], actions, b_logprobs[:, agent]
-
-
-def agent_step(
-    actor: nn.Module, optimizer, obs, actions, oldlogprob, advantages, factor, args: Args, logs: dict
-) -> bool:
-    """One gradient step of an agent's actor on a minibatch, on -E[M * clipped surrogate] - ent_coef * entropy;
-    False when it was skipped for a non-finite loss or gradient."""
+def agent_step(actor: nn.Module, optimizer, samples: list, args: Args, logs: dict) -> bool:
+    """One step on -E[M * clipped surrogate] - ent_coef * entropy over a minibatch of an agent's samples (obs, actions,
+    behaviour log-probabilities, advantages, factors); False when a non-finite loss or gradient skipped it."""
+    obs, actions, oldlogprob, advantages, factor = samples
     dist = actor.distribution(obs)
     newlogprob, entropy_loss = dist.log_prob(actions), dist.entropy().mean()
     pg_loss = actor_loss(newlogprob, oldlogprob, advantages, factor, args.clip_coef)
@@ -418,10 +394,9 @@ def agent_step(
 
 
 @torch.no_grad()
-def agent_ratio(
-    actor: nn.Module, obs: Tensor, actions: Tensor, oldlogprob: Tensor, clip_coef: float, logs: dict
-) -> Tensor:
+def agent_ratio(actor: nn.Module, samples: tuple, clip_coef: float, logs: dict) -> Tensor:
     """The agent's ratio pi_now / pi_behaviour on every sample, with the update's approximate KL and clip fraction."""
+    obs, actions, oldlogprob = samples[:3]
     logratio = actor.distribution(obs).log_prob(actions) - oldlogprob
     ratio = logratio.exp()
     logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
@@ -488,18 +463,15 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
     return returns
 
 
-# flags a resumed run may change; every other one must match the checkpoint's
-RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
-RESUME_MAY_CHANGE = (RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model").split()
-
-
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
-    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v]
+    may_change = "total_timesteps num_iterations resume checkpoint_every cuda torch_threads track wandb_project_name"
+    may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
+    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
     for name, value in flags[:1]:
         fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
     return checkpoint
@@ -508,16 +480,9 @@ def load_checkpoint(args: Args) -> dict:
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that says what does not fit."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)["actors"]
-    except Exception as error:
-        fail(f"cannot read the model {path} (a .cleanrl_model of --save-model?): {error!r:.200}")
-    if (agents := len({name.split(".")[0] for name in saved})) != len(actors):
-        fail(f"{path} holds {agents} actors, this run builds {len(actors)} (one per agent, or one with --share-actor)")
-    for name, tensor in actors.state_dict().items():  # "0.net.1.weight": agent 0's first linear layer
-        if name not in saved or saved[name].shape != tensor.shape:
-            there = tuple(saved[name].shape) if name in saved else "missing"
-            fail(f"{path} does not fit: {name} is {there} there, {tuple(tensor.shape)} here (other sizes or layers)")
-    actors.load_state_dict(saved)
+        actors.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["actors"])
+    except Exception as error:  # torch names the actors missing or extra and the layers of another shape
+        fail(f"cannot load the actors of {path} into this run: {' '.join(str(error).split()):.300}")
 
 
 if __name__ == "__main__":
@@ -531,9 +496,6 @@ if __name__ == "__main__":
     checkpoint = None if args.resume is None else load_checkpoint(args)
     run_name = f"{args.env_id}_{args.agent_conf}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
-    for flag, package in (("capture_video", "moviepy"), ("track", "wandb")):
-        if getattr(args, flag) and importlib.util.find_spec(package) is None:
-            fail(f"--{flag.replace('_', '-')} needs {package}: pip install {package}")
     if args.track:
         import wandb
 
@@ -555,7 +517,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.set_num_threads(args.torch_threads)
 
-    # env setup: SAME_STEP autoreset puts a truncated episode's final state, which the critic bootstraps, in infos
+    # env setup: SAME_STEP autoreset puts an episode's final state, which the critic bootstraps, in infos
     try:  # one environment first: gymnasium-robotics itself fails on some tasks (CoupledHalfCheetah with mujoco 4)
         make_env(args)().close()
     except Exception as error:
@@ -587,29 +549,22 @@ if __name__ == "__main__":
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
     states = torch.zeros((args.num_steps, args.num_envs, state_dim), device=device)  # (T, E, state_dim)
-    final_states = torch.zeros_like(states)  # true final state where an episode was truncated at step t
+    next_states = torch.zeros_like(states)  # the state step t reached: the final one where an episode was truncated
     actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)  # (T, E, N, max_act_dim)
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
-    rewards, terminations, truncations = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
+    rewards, terminations, dones = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
 
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
-    checkpoint_path, global_step, last_iteration = f"runs/{run_name}/checkpoint.pt", 0, 0
+    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
     if checkpoint is not None:
         for name, module in stateful.items():
             module.load_state_dict(checkpoint[name])
         np.random.set_state(checkpoint["rng"][0])
         torch.set_rng_state(checkpoint["rng"][1])
         torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
-
-    def write_checkpoint() -> None:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-        rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-        state = {name: module.state_dict() for name, module in stateful.items()}
-        progress = {"global_step": global_step, "iteration": last_iteration, "run_name": run_name, "args": vars(args)}
-        torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-        os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
 
     interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
 
@@ -622,12 +577,10 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_signal)
 
     # TRY NOT TO MODIFY: start the game
-    start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
+    start_time, start_step = time.time(), global_step
     recent_returns, mean_return, bad_updates = [], float("nan"), 0
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        if interrupted:
-            break
         if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             for optimizer in [*actor_optimizers, critic_optimizer]:
@@ -647,11 +600,12 @@ if __name__ == "__main__":
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminated, truncated, infos = envs.step(actions[step].cpu().numpy())
-            for buffer, value in ((rewards, reward), (terminations, terminated), (truncations, truncated)):
+            for buffer, value in ((rewards, reward), (terminations, terminated), (dones, terminated | truncated)):
                 buffer[step] = torch.as_tensor(value, device=device)
             next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
-            for env_idx in np.flatnonzero(truncated):
-                final_states[step, env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=device)
+            next_states[step] = next_state
+            for env_idx in np.flatnonzero(truncated):  # the final state (after a termination, V = 0 in any case)
+                next_states[step, env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=device)
             for env_idx in np.flatnonzero(infos.get("_episode", [])):
                 recent_returns.append(float(infos["episode"]["r"][env_idx]))
                 writer.add_scalar("charts/episodic_return", recent_returns[-1], global_step)
@@ -661,11 +615,8 @@ if __name__ == "__main__":
         update_start = time.time()
         with torch.no_grad():
             values = value_norm.denormalize(critic(states).squeeze(-1))  # (T, E)
-            next_value = value_norm.denormalize(critic(next_state).squeeze(-1))
-            final_values = value_norm.denormalize(critic(final_states).squeeze(-1))
-            advantages = compute_gae(
-                rewards, values, next_value, terminations, truncations, final_values, args.gamma, args.gae_lambda
-            )
+            next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
+            advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
             returns = advantages + values
             value_norm.update(returns)
 
@@ -679,38 +630,37 @@ if __name__ == "__main__":
         factor = torch.ones(args.batch_size, device=device)
         b_inds = np.arange(args.batch_size)
         logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
-        for k, agent in enumerate([] if args.share_actor else order):  # separate actors: agent after agent
-            m_used = factor_used(factor, args.factor, args.factor_clip)
-            log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
-            actor, optimizer = actors[agent], actor_optimizers[agent]
-            a_obs, a_actions, a_logprobs = agent_samples(b_obs, b_actions, b_logprobs, agent, actor.act_dim)
+        if not args.share_actor:  # separate actors: agent after agent, each through all its epochs
+            for k, agent in enumerate(order):
+                m_used = factor_used(factor, args.factor, args.factor_clip)
+                log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
+                actor, optimizer = actors[agent], actor_optimizers[agent]
+                a_actions = b_actions[:, agent, : actor.act_dim]
+                samples = (b_obs[:, agent], a_actions, b_logprobs[:, agent], b_advantages, m_used)  # agent's own
+                for epoch in range(args.update_epochs):
+                    np.random.shuffle(b_inds)
+                    for start in range(0, args.batch_size, args.minibatch_size):
+                        mb = b_inds[start : start + args.minibatch_size]
+                        skipped += not agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
+                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
+                factor = factor * agent_ratio(actor, samples, args.clip_coef, logs)
+        else:  # one shared actor, the paper's update: in each epoch the factor starts at 1; for each minibatch,
+            # every agent in the order takes one step on its own samples and the factor takes on its ratio
+            actor, optimizer = actors[0], actor_optimizers[0]
             for epoch in range(args.update_epochs):
+                factor = torch.ones(args.batch_size, device=device)
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb = b_inds[start : start + args.minibatch_size]
-                    mb_args = (a_obs[mb], a_actions[mb], a_logprobs[mb], b_advantages[mb], m_used[mb], args)
-                    skipped += not agent_step(actor, optimizer, *mb_args, logs)
-            # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-            factor = factor * agent_ratio(actor, a_obs, a_actions, a_logprobs, args.clip_coef, logs)
-
-        # ALGO LOGIC: one shared actor (the paper's shared-parameter update): in each epoch the factor starts at 1;
-        # for each minibatch, every agent in the order takes one step on its own samples, and the factor takes on
-        # that agent's ratio pi_now / pi_behaviour on every sample
-        for epoch in range(args.update_epochs if args.share_actor else 0):
-            factor = torch.ones(args.batch_size, device=device)
-            np.random.shuffle(b_inds)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb = b_inds[start : start + args.minibatch_size]
-                for k, agent in enumerate(order):
-                    m_used = factor_used(factor, args.factor, args.factor_clip)
-                    if epoch == args.update_epochs - 1 and start == 0:  # the factors of the last epoch's first pass
-                        log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
-                    a_obs, a_actions, a_logprobs = agent_samples(b_obs, b_actions, b_logprobs, agent, actors[0].act_dim)
-                    mb_args = (a_obs[mb], a_actions[mb], a_logprobs[mb], b_advantages[mb], m_used[mb], args)
-                    skipped += not agent_step(actors[0], actor_optimizers[0], *mb_args, logs)
-                    last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
-                    ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # KL of the update's end
-                    factor = factor * agent_ratio(actors[0], a_obs, a_actions, a_logprobs, args.clip_coef, ratio_logs)
+                    for k, agent in enumerate(order):
+                        m_used = factor_used(factor, args.factor, args.factor_clip)
+                        if epoch == args.update_epochs - 1 and start == 0:  # the last epoch's first pass is logged
+                            log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
+                        samples = (b_obs[:, agent], b_actions[:, agent], b_logprobs[:, agent], b_advantages, m_used)
+                        skipped += not agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
+                        last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
+                        ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # the KL at the end
+                        factor = factor * agent_ratio(actor, samples, args.clip_coef, ratio_logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
@@ -723,12 +673,12 @@ if __name__ == "__main__":
                 skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
                 logs["value_loss"].append(v_loss.item())
 
-        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; too many such iterations in a row stop
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; three such iterations in a row stop
         bad_updates = bad_updates + 1 if skipped else 0
         if skipped:
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
-        if bad_updates >= args.max_bad_updates:
+        if bad_updates == 3:
             fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
@@ -743,13 +693,18 @@ if __name__ == "__main__":
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(policies, args, device)), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
-        last_iteration = iteration
-        if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            write_checkpoint()
+        due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
+        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
+            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+            state = {name: module.state_dict() for name, module in stateful.items()}
+            progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
+            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+        if interrupted:
+            break
 
     envs.close()
-    if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
-        write_checkpoint()
+    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         writer.close()
         command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")

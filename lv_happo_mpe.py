@@ -485,7 +485,7 @@ if __name__ == "__main__":
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
     states = torch.zeros((args.num_steps, args.num_envs, state_dim), device=device)  # (T, E, state_dim)
-    next_states = torch.zeros_like(states)  # the state step t reached: the final one where an episode ended
+    next_states = torch.zeros_like(states)  # the state step t reached: the final one where an episode was truncated
     actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)  # (T, E, N[, max_act_dim])
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
     rewards, terminations, dones = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
@@ -541,7 +541,7 @@ if __name__ == "__main__":
                 buffer[step] = torch.as_tensor(value, device=device)
             next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
             next_states[step] = next_state
-            for env_idx in np.flatnonzero(terminated | truncated):  # SAME_STEP autoreset: the final state in infos
+            for env_idx in np.flatnonzero(truncated):  # the final state (after a termination, V = 0 in any case)
                 next_states[step, env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=device)
             for env_idx in np.flatnonzero(infos.get("_episode", [])):
                 recent_returns.append(float(infos["episode"]["r"][env_idx]))
@@ -589,14 +589,14 @@ if __name__ == "__main__":
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb = b_inds[start : start + args.minibatch_size]
-                    last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
-                    for k, agent in enumerate(order):  # the update's last pass logs the factors and the KL
+                    for k, agent in enumerate(order):
                         m_used = factor_used(factor, args.factor, args.factor_clip)
-                        if last:
+                        if epoch == args.update_epochs - 1 and start == 0:  # the last epoch's first pass is logged
                             log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
                         samples = (b_obs[:, agent], b_actions[:, agent], b_logprobs[:, agent], b_advantages, m_used)
                         skipped += not agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
-                        ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}
+                        last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
+                        ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # the KL at the end
                         factor = factor * agent_ratio(actor, samples, args.clip_coef, ratio_logs)
 
         # ALGO LOGIC: critic update on the normalized returns

@@ -52,8 +52,6 @@ class Args:
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
     """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
-    max_bad_updates: int = 3
-    """stop after this many iterations in a row that skipped a gradient step for a non-finite loss or gradient"""
 
     # Algorithm specific arguments
     env_id: str = "3m"
@@ -128,18 +126,15 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
     sys.exit(f"{os.path.basename(__file__)}: error: {message}")
 
 
-# numeric flags that must be above zero; every numeric flag must be finite and not negative
-POSITIVE = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
-POSITIVE = (POSITIVE + " clip_coef max_grad_norm factor_clip huber_delta torch_threads max_bad_updates").split()
-POSITIVE += ["critic_learning_rate"]
-
-
 def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta torch_threads").split()
+    positive += ["critic_learning_rate"]
     for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in POSITIVE else value >= 0)
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
         if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in POSITIVE else "a finite number, not negative"
+            words = "a positive number" if name in positive else "a finite number, not negative"
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
         (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
@@ -148,11 +143,9 @@ def check_args(args: Args) -> Optional[str]:
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (
-            args.eval_model and (args.resume or args.save_model),
-            "--eval-model only evaluates: drop --resume, --save-model",
-        ),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
     ]
     if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
         return problem
@@ -408,26 +401,16 @@ class ValueNorm(nn.Module):
 
 
 def compute_gae(
-    rewards: Tensor,
-    values: Tensor,
-    next_value: Tensor,
-    terminations: Tensor,
-    truncations: Tensor,
-    final_values: Tensor,
-    gamma: float,
-    gae_lambda: float,
+    rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
 ) -> Tensor:
-    """GAE(gamma, lambda) over (num_steps, num_envs), exact at episode ends: delta_t = r_t + gamma * V_next_t - V(s_t),
-    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is V(s_{t+1}) inside an episode, 0 after
-    a termination and V(final state) (final_values) after a truncation."""
-    next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
-    next_values = torch.where(truncations.bool(), final_values, next_values) * (1.0 - terminations)
-    not_done = 1.0 - torch.maximum(terminations, truncations)
+    """GAE(gamma, lambda) over (num_steps, num_envs): delta_t = r_t + gamma * V_next_t - V(s_t) and
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is the value of the state that step t
+    reached (the final state where an episode ended), 0 after a termination."""
     advantages = torch.zeros_like(values)
     lastgaelam = torch.zeros_like(values[0])
     for t in reversed(range(rewards.shape[0])):
         delta = rewards[t] + gamma * next_values[t] - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * not_done[t] * lastgaelam
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
     return advantages
 
 
@@ -450,25 +433,18 @@ def actor_loss(
     return -masked_mean(factor * surrogate, mask)
 
 
-def agent_samples(batch: tuple, agent: int, state_type: str) -> list:
+def agent_samples(batch: tuple, agent: int, state_type: str, factor: Tensor) -> list:
     """One agent's observations, available actions, actions, behaviour log-probabilities, advantages (its own with
-    the FP critic, the team's with EP) and alive mask, from the batch (obs, avail, actions, logprobs, adv, active)."""
-    b_obs, b_avail, b_actions, b_logprobs, b_advantages, b_active = batch
-    advantages = b_advantages[:, agent if state_type == "FP" else 0]
-    return [
-        b_obs[:, agent],
-        b_avail[:, agent],
-        b_actions[:, agent],
-        b_logprobs[:, agent],
-        advantages,
-        b_active[:, agent],
-    ]
+    the FP critic, the team's with EP) and alive mask from the batch (obs, avail, actions, logprobs, adv, active),
+    and the factor."""
+    advantages = batch[4] if state_type == "FP" else batch[4].expand_as(batch[5])  # (B, N): every agent's column
+    return [x[:, agent] for x in (*batch[:4], advantages, batch[5])] + [factor]
 
 
-def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, factor: Tensor, args: Args, logs: dict) -> bool:
-    """One gradient step of an agent's actor on a minibatch of its samples, on -E[M * clipped surrogate] - ent_coef *
-    entropy over its living samples (a dead agent's forced no-op teaches nothing); False when skipped."""
-    obs, avail, actions, oldlogprob, advantages, mask = samples
+def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, args: Args, logs: dict) -> bool:
+    """One step on -E[M * clipped surrogate] - ent_coef * entropy over the living samples in a minibatch of the agent's
+    (a dead agent's forced no-op teaches nothing); False when a non-finite loss or gradient skipped it."""
+    obs, avail, actions, oldlogprob, advantages, mask, factor = samples
     dist = actor.distribution(obs, avail, agent)
     newlogprob, entropy_loss = dist.log_prob(actions), masked_mean(dist.entropy(), mask)
     pg_loss = actor_loss(newlogprob, oldlogprob, advantages, factor, mask, args.clip_coef)
@@ -481,7 +457,7 @@ def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, factor: T
 def agent_ratio(actor: nn.Module, agent: int, samples: list, clip_coef: float, logs: dict) -> Tensor:
     """The agent's ratio pi_now / pi_behaviour on every sample (1 where it is dead), with the update's approximate
     KL and clip fraction over its living samples."""
-    obs, avail, actions, oldlogprob, _, mask = samples
+    obs, avail, actions, oldlogprob, _, mask, _ = samples
     logratio = actor.distribution(obs, avail, agent).log_prob(actions) - oldlogprob
     ratio = logratio.exp()
     logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, mask).item())
@@ -576,18 +552,15 @@ def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str
     return returns[: args.eval_episodes], wins[: args.eval_episodes]
 
 
-# flags a resumed run may change; every other one must match the checkpoint's
-RESUME_MAY_CHANGE = "total_timesteps num_iterations resume checkpoint_every max_bad_updates cuda torch_threads track"
-RESUME_MAY_CHANGE = (RESUME_MAY_CHANGE + " wandb_project_name wandb_entity capture_video save_model").split()
-
-
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
-    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE and getattr(args, k, v) != v]
+    may_change = "total_timesteps num_iterations resume checkpoint_every cuda torch_threads track wandb_project_name"
+    may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
+    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
     for name, value in flags[:1]:
         fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
     return checkpoint
@@ -596,16 +569,9 @@ def load_checkpoint(args: Args) -> dict:
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that says what does not fit."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)["actors"]
-    except Exception as error:
-        fail(f"cannot read the model {path} (a .cleanrl_model of --save-model?): {error!r:.200}")
-    if (agents := len({name.split(".")[0] for name in saved})) != len(actors):
-        fail(f"{path} holds {agents} actors, this run builds {len(actors)} (one per agent, or one with --share-actor)")
-    for name, tensor in actors.state_dict().items():  # "0.net.1.weight": agent 0's first linear layer
-        if name not in saved or saved[name].shape != tensor.shape:
-            there = tuple(saved[name].shape) if name in saved else "missing"
-            fail(f"{path} does not fit: {name} is {there} there, {tuple(tensor.shape)} here (other sizes or layers)")
-    actors.load_state_dict(saved)
+        actors.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["actors"])
+    except Exception as error:  # torch names the actors missing or extra and the layers of another shape
+        fail(f"cannot load the actors of {path} into this run: {' '.join(str(error).split()):.300}")
 
 
 if __name__ == "__main__":
@@ -679,31 +645,24 @@ if __name__ == "__main__":
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs, num_agents, obs_dim), device=device)  # (T, E, N, obs_dim)
     states = torch.zeros((args.num_steps, args.num_envs, envs.state_dim), device=device)  # (T, E, state_dim)
-    final_obs, final_states = torch.zeros_like(obs), torch.zeros_like(states)  # before a reset at step t
+    final_obs, final_states = torch.zeros_like(obs), torch.zeros_like(states)  # what step t reached, before a reset
     avails = torch.zeros((args.num_steps, args.num_envs, num_agents, num_actions), dtype=torch.bool, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs, num_agents), dtype=torch.long, device=device)  # (T, E, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
     active_masks = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N): alive
-    rewards, terminations, truncations = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
+    rewards, terminations, dones = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
 
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
-    checkpoint_path, global_step, last_iteration = f"runs/{run_name}/checkpoint.pt", 0, 0
+    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
     if checkpoint is not None:
         for name, module in stateful.items():
             module.load_state_dict(checkpoint[name])
         np.random.set_state(checkpoint["rng"][0])
         torch.set_rng_state(checkpoint["rng"][1])
         torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, last_iteration = checkpoint["global_step"], checkpoint["iteration"]
-
-    def write_checkpoint() -> None:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-        rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-        state = {name: module.state_dict() for name, module in stateful.items()}
-        progress = {"global_step": global_step, "iteration": last_iteration, "run_name": run_name, "args": vars(args)}
-        torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-        os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
 
     interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
 
@@ -715,17 +674,12 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    def value(state: Tensor, agent_obs: Tensor) -> Tensor:  # V(s) (EP) or V(s, o_i, i) (FP), in the returns' units
-        return value_norm.denormalize(critic(critic_inputs(state, agent_obs, args.state_type)).squeeze(-1))
-
     # TRY NOT TO MODIFY: start the game
-    start_iteration, start_time, start_step = last_iteration + 1, time.time(), global_step
+    start_time, start_step = time.time(), global_step
     episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
     recent_returns, recent_wins, mean_return, win_rate, bad_updates = [], [], float("nan"), float("nan"), 0
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        if interrupted:
-            break
         if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             for optimizer in [*actor_optimizers, critic_optimizer]:
@@ -747,10 +701,9 @@ if __name__ == "__main__":
             # TRY NOT TO MODIFY: execute the game and log data.
             next_ = envs.step(actions[step])
             rewards[step], terminations[step] = next_["reward"], next_["terminated"]
-            truncations[step] = next_["truncated"]
+            dones[step] = done = next_["terminated"] | next_["truncated"]
             final_obs[step], final_states[step] = next_["final_obs"], next_["final_state"]
             episode_returns, episode_lengths = episode_returns + next_["reward"], episode_lengths + 1
-            done = next_["terminated"] | next_["truncated"]
             if (ended := done & ~next_["restarted"]).any():  # a game lost to a crash is no episode
                 ended_episodes = torch.stack([episode_returns, episode_lengths, next_["won"].float()], 1)[ended]
                 for episodic_return, episodic_length, won in ended_episodes.tolist():
@@ -765,9 +718,11 @@ if __name__ == "__main__":
         with torch.no_grad():
             critic_in = critic_inputs(states, obs, args.state_type)  # (T, E, C, critic_input_dim)
             values = value_norm.denormalize(critic(critic_in).squeeze(-1))  # (T, E, C)
-            next_value, final_values = value(next_["state"], next_["obs"]), value(final_states, final_obs)
-            team = (rewards.unsqueeze(-1), terminations.unsqueeze(-1), truncations.unsqueeze(-1))  # (T, E, 1) each
-            advantages = compute_gae(team[0], values, next_value, *team[1:], final_values, args.gamma, args.gae_lambda)
+            next_in = critic_inputs(final_states, final_obs, args.state_type)  # of the states the steps reached
+            next_values = value_norm.denormalize(critic(next_in).squeeze(-1)) * (1.0 - terminations[..., None])
+            advantages = compute_gae(
+                rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda
+            )
             returns = advantages + values
             value_norm.update(returns)
 
@@ -786,39 +741,37 @@ if __name__ == "__main__":
         b_inds = np.arange(args.batch_size)
         logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
         batch = (b_obs, b_avail, b_actions, b_logprobs, b_advantages, b_active)
-        for k, agent in enumerate([] if args.share_actor else order):  # separate actors: agent after agent
-            m_used = factor_used(factor, args.factor, args.factor_clip)
-            samples = agent_samples(batch, agent, args.state_type)  # obs, avail, actions, logprobs, advantages, alive
-            log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, global_step)
-            actor, optimizer = actors[agent], actor_optimizers[agent]
+        if not args.share_actor:  # separate actors: agent after agent, each through all its epochs
+            for k, agent in enumerate(order):
+                m_used = factor_used(factor, args.factor, args.factor_clip)
+                samples = agent_samples(batch, agent, args.state_type, m_used)  # obs, avail, act, logp, adv, alive, M
+                log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, global_step)
+                actor, optimizer = actors[agent], actor_optimizers[agent]
+                for epoch in range(args.update_epochs):
+                    np.random.shuffle(b_inds)
+                    for start in range(0, args.batch_size, args.minibatch_size):
+                        mb = b_inds[start : start + args.minibatch_size]
+                        skipped += not agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
+                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k} (unclipped; 1 for a dead agent's forced no-op)
+                factor = factor * agent_ratio(actor, agent, samples, args.clip_coef, logs)
+        else:  # one shared actor, the paper's update: in each epoch the factor starts at 1; for each minibatch,
+            # every agent in the order takes one step on its own samples and the factor takes on its ratio
+            actor, optimizer = actors[0], actor_optimizers[0]
             for epoch in range(args.update_epochs):
+                factor = torch.ones(args.batch_size, device=device)
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb = b_inds[start : start + args.minibatch_size]
-                    skipped += not agent_step(actor, optimizer, agent, [x[mb] for x in samples], m_used[mb], args, logs)
-            # the next agent sees M * pi_new^{i_k} / pi_old^{i_k} (unclipped; 1 for a dead agent's forced no-op)
-            factor = factor * agent_ratio(actor, agent, samples, args.clip_coef, logs)
-
-        # ALGO LOGIC: one shared actor (the paper's shared-parameter update): in each epoch the factor starts at 1;
-        # for each minibatch, every agent in the order takes one step on its own samples, and the factor takes on
-        # that agent's ratio pi_now / pi_behaviour on every sample
-        for epoch in range(args.update_epochs if args.share_actor else 0):
-            factor = torch.ones(args.batch_size, device=device)
-            np.random.shuffle(b_inds)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb = b_inds[start : start + args.minibatch_size]
-                for k, agent in enumerate(order):
-                    m_used = factor_used(factor, args.factor, args.factor_clip)
-                    samples = agent_samples(batch, agent, args.state_type)
-                    if epoch == args.update_epochs - 1 and start == 0:  # the factors of the last epoch's first pass
-                        weighted = (m_used * samples[4])[samples[5] > 0]
-                        log_factor(writer, k, factor, weighted, args.factor_clip, global_step)
-                    skipped += not agent_step(
-                        actors[0], actor_optimizers[0], agent, [x[mb] for x in samples], m_used[mb], args, logs
-                    )
-                    last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
-                    ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # KL of the update's end
-                    factor = factor * agent_ratio(actors[0], agent, samples, args.clip_coef, ratio_logs)
+                    for k, agent in enumerate(order):
+                        m_used = factor_used(factor, args.factor, args.factor_clip)
+                        samples = agent_samples(batch, agent, args.state_type, m_used)
+                        if epoch == args.update_epochs - 1 and start == 0:  # the last epoch's first pass is logged
+                            weighted = (m_used * samples[4])[samples[5] > 0]
+                            log_factor(writer, k, factor, weighted, args.factor_clip, global_step)
+                        skipped += not agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
+                        last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
+                        ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # the KL at the end
+                        factor = factor * agent_ratio(actor, agent, samples, args.clip_coef, ratio_logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
@@ -832,12 +785,12 @@ if __name__ == "__main__":
                 skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
                 logs["value_loss"].append(v_loss.item())
 
-        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; too many such iterations in a row stop
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; three such iterations in a row stop
         bad_updates = bad_updates + 1 if skipped else 0
         if skipped:
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
-        if bad_updates >= args.max_bad_updates:
+        if bad_updates == 3:
             fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
@@ -857,13 +810,18 @@ if __name__ == "__main__":
                 writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
         print(line, flush=True)
-        last_iteration = iteration
-        if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            write_checkpoint()
+        due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
+        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
+            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+            state = {name: module.state_dict() for name, module in stateful.items()}
+            progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
+            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+        if interrupted:
+            break
 
     envs.close()
-    if interrupted:  # keep what was learned, say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
-        write_checkpoint()
+    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         writer.close()
         command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")

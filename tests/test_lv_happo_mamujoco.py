@@ -115,13 +115,12 @@ def test_truncation_keeps_the_true_final_state():
 
 
 def test_gae_bootstraps_truncation_not_termination():
-    # one env, 3 steps: a time-limit truncation after t=0 (final state worth 10), a fall after t=2
+    # one env, 3 steps: a time-limit truncation after t=0 (final state worth 10), a fall after t=2; next_values as
+    # the main block builds them: V of the state reached (the final one where truncated), 0 after a termination
     rewards, values = torch.tensor([[1.0], [1.0], [1.0]]), torch.tensor([[2.0], [3.0], [4.0]])
-    terminations = torch.tensor([[0.0], [0.0], [1.0]])
-    truncations = torch.tensor([[1.0], [0.0], [0.0]])
-    final_values = torch.tensor([[10.0], [0.0], [0.0]])
-    adv = lv.compute_gae(rewards, values, torch.tensor([50.0]), terminations, truncations, final_values, 0.5, 1.0)
-    # t=2: 1 - 4 = -3 (no bootstrap after the fall, not 50); t=1: 1 + 0.5 * 4 - 3 + 0.5 * -3 = -1.5;
+    next_values, dones = torch.tensor([[10.0], [4.0], [0.0]]), torch.tensor([[1.0], [0.0], [1.0]])
+    adv = lv.compute_gae(rewards, values, next_values, dones, 0.5, 1.0)
+    # t=2: 1 - 4 = -3 (no bootstrap after the fall); t=1: 1 + 0.5 * 4 - 3 + 0.5 * -3 = -1.5;
     # t=0: 1 + 0.5 * 10 - 2 = 4 (the final state's value, not V(s_1) = 3, and no GAE across the reset)
     torch.testing.assert_close(adv, torch.tensor([[4.0], [-1.5], [-3.0]]))
 

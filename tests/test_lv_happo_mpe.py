@@ -29,28 +29,22 @@ ENV_IDS = typing.get_args(typing.get_type_hints(lv.Args)["env_id"])
 
 
 def test_gae_hand_computed_with_termination_and_truncation():
-    # env 0: terminated after t=1, truncated after t=2 (true final state worth 5.0); env 1: no episode end
+    # env 0: terminated after t=1, truncated after t=2 (its final state worth 5.0); env 1: no episode end. As the main
+    # block builds them, next_values hold V of the state each step reached (the final state where an episode was
+    # truncated) and 0 after a termination
     rewards = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 1.0]])
     values = torch.tensor([[0.5, 0.0], [1.0, 0.0], [1.5, 0.0], [2.0, 0.0]])
-    terminations = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
-    truncations = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
-    final_values = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [0.0, 0.0]])
-    next_value = torch.tensor([3.0, 10.0])
-    adv = lv.compute_gae(rewards, values, next_value, terminations, truncations, final_values, 0.9, 0.8)
+    next_values = torch.tensor([[1.0, 0.0], [0.0, 0.0], [5.0, 0.0], [3.0, 10.0]])
+    dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    adv = lv.compute_gae(rewards, values, next_values, dones, 0.9, 0.8)
     # env 0, by hand (gamma 0.9, gamma * lambda 0.72):
     #   t=3: 4 + 0.9 * 3.0 - 2.0 = 4.7
-    #   t=2: truncated, bootstraps from V(final) = 5.0: 3 + 0.9 * 5.0 - 1.5 = 6.0 (V(s_3) = 2.0 would give 3.3)
+    #   t=2: truncated, bootstraps from V(final) = 5.0: 3 + 0.9 * 5.0 - 1.5 = 6.0, and no GAE across the reset
     #   t=1: terminated, no bootstrap: 2 - 1.0 = 1.0
     #   t=0: (1 + 0.9 * 1.0 - 0.5) + 0.72 * 1.0 = 2.12
     # env 1: t=3: 1 + 0.9 * 10 = 10, then 0.72 * 10 = 7.2, 5.184, 3.73248
     expected = torch.tensor([[2.12, 3.73248], [1.0, 5.184], [6.0, 7.2], [4.7, 10.0]])
     torch.testing.assert_close(adv, expected)
-
-
-def test_gae_termination_wins_over_truncation():
-    ones = torch.ones(1, 1)
-    adv = lv.compute_gae(ones, 0 * ones, torch.tensor([7.0]), ones, ones, 100 * ones, 0.99, 0.95)
-    torch.testing.assert_close(adv, ones)  # r only: a terminated episode never bootstraps
 
 
 def test_factor_clipped_from_above_only():

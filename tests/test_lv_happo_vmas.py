@@ -65,9 +65,7 @@ def test_environments_reset_on_their_own_and_bootstrap_exactly():
         return s.sum(-1) / 10
 
     states, rewards, finals = torch.stack(states), torch.stack(rewards), torch.stack(finals)
-    adv = lv.compute_gae(
-        rewards, value(states), value(state), torch.zeros_like(truncs), truncs, value(finals), gamma, lam
-    )
+    adv = lv.compute_gae(rewards, value(states), value(finals), truncs, gamma, lam)  # finals: the states reached
     for env_idx in range(3):  # by hand: walk back through each environment's own episodes
         expected, running = [0.0] * 6, 0.0
         for t in reversed(range(6)):

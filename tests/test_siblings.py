@@ -14,7 +14,6 @@ GYM = {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py"}  # gymnasi
 # piece: the scripts whose copies must be identical; every other script's own version is named in DIFFERENT
 SHARED = {
     "fail": EVERY,
-    "POSITIVE": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py"},
     "layer_init": EVERY,
     "mlp": EVERY,
     "ValueNorm": EVERY,
@@ -22,7 +21,6 @@ SHARED = {
     "factor_used": EVERY,
     "actor_loss": {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"},
     "critic_loss": EVERY,
-    "agent_samples": SHARING,
     "agent_step": SHARING,
     "agent_ratio": SHARING,
     "log_factor": EVERY - {"lv_hatrpo_mpe.py"},
@@ -32,14 +30,10 @@ SHARED = {
     "head": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "act": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "evaluate": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py"},
-    "RESUME_MAY_CHANGE": EVERY,
     "load_checkpoint": EVERY,
     "load_model": EVERY,
 }
 DIFFERENT = {
-    ("POSITIVE", "lv_happo_mamujoco.py"): "its own positive flags (max_episode_steps)",
-    ("POSITIVE", "lv_happo_smac.py"): "its own positive flags (max_steps, no num_agents)",
-    ("POSITIVE", "lv_happo_vmas.py"): "its own positive flags (max_steps)",
     (
         "actor_loss",
         "lv_hatrpo_mpe.py",
@@ -53,8 +47,8 @@ DIFFERENT = {
     ("head", "lv_happo_smac.py"): "no separate head: the available-action mask is the actor's",
     ("act", "lv_happo_mamujoco.py"): "Gaussian policies only",
     ("act", "lv_happo_smac.py"): "available-action masks; every SMAX agent of a map has the same sizes",
-    ("agent_samples", "lv_happo_smac.py"): "available actions, alive masks and the FP critic's per-agent advantages",
-    ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples, among its available actions",
+    ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples (agent_samples: available actions,"
+    " alive masks, the FP critic's per-agent advantages), among its available actions",
     ("agent_ratio", "lv_happo_smac.py"): "a dead agent's forced no-op contributes a ratio of 1",
     ("evaluate", "lv_happo_mamujoco.py"): "MuJoCo's off-screen rendering, and a warning where it cannot render",
     ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
@@ -88,7 +82,7 @@ def pieces(script: str) -> dict:
     for node in ast.parse(source).body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []
         names += [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        for name in names:  # a name assigned twice (POSITIVE = ...; POSITIVE = ...) keeps both texts
+        for name in names:  # a name assigned twice keeps both texts
             found[name] = found.get(name, "") + ast.get_source_segment(source, node) + "\n"
     return found
 
