@@ -445,7 +445,7 @@ def load_model(path: str, actors: nn.ModuleList) -> None:
     try:
         actors.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["actors"])
     except Exception as error:  # torch names the actors missing or extra and the layers of another shape
-        fail(f"cannot load the actors of {path} into this run: {' '.join(str(error).split()):.300}")
+        fail(f"{path} does not fit (other env, team size, --share-actor, sizes?): {' '.join(str(error).split()):.300}")
 
 
 if __name__ == "__main__":

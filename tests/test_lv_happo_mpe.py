@@ -287,9 +287,9 @@ def test_shared_update_carries_each_agents_ratio_into_the_factor():
     now = actor.distribution(obs).log_prob(actions)
     behaviour_a, behaviour_b = now - torch.log(torch.tensor(2.0)), now + torch.log(torch.tensor(4.0))  # r 2, 1/4
     factor = torch.ones(5)
-    factor = factor * lv.agent_ratio(actor, obs, actions, behaviour_a, 0.2, logs)
+    factor = factor * lv.agent_ratio(actor, (obs, actions, behaviour_a), 0.2, logs)
     torch.testing.assert_close(lv.factor_used(factor, "clipped", 1.0), torch.ones(5))
     torch.testing.assert_close(lv.factor_used(factor, "raw", 1.0), torch.full((5,), 2.0))
-    factor = factor * lv.agent_ratio(actor, obs, actions, behaviour_b, 0.2, logs)
+    factor = factor * lv.agent_ratio(actor, (obs, actions, behaviour_b), 0.2, logs)
     torch.testing.assert_close(factor, torch.full((5,), 0.5))
     assert logs["clipfrac"] == [1.0, 1.0] and len(logs["approx_kl"]) == 2
