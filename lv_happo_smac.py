@@ -143,6 +143,7 @@ def check_args(args: Args) -> Optional[str]:
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
         (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
         (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
