@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+import vmas
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
 
-# scenarios whose agents all receive the same reward (checked by the tests): the team reward is that reward;
-# in every other scenario it is the sum of the agents' rewards
+# scenarios whose agents all receive one reward (checked by the tests), the team's; elsewhere it is the agents' sum
 SHARED_REWARD = ("simple_spread", "simple", "balance", "transport", "reverse_transport", "wheel", "sampling")
 SHARED_REWARD += ("dropout", "football", "joint_passage", "buzz_wire", "ball_passage")
 
@@ -73,8 +73,6 @@ class Args:
     """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 1024
     """the number of environments, simulated as one batch"""
-    torch_threads: int = 1
-    """torch's CPU threads: a second one helps large batches on an idle machine, and spin-waits on a busy one"""
     num_steps: int = 25
     """the number of steps to run in each environment per policy rollout"""
     gamma: float = 0.99
@@ -132,16 +130,12 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
 def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
     positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta torch_threads").split()
-    positive += ["critic_learning_rate"]
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
     for name, value in vars(args).items():
         wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
         if wrong or (isinstance(value, float) and not math.isfinite(value)):
             words = "a positive number" if name in positive else "a finite number, not negative"
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
-    if importlib.util.find_spec("vmas") is None:
-        return "this script needs vmas: pip install -r requirements.txt (or pip install vmas)"
-    vmas = importlib.import_module("vmas")
     scenarios = sorted(vmas.scenarios + vmas.mpe_scenarios + vmas.debug_scenarios)
     problems = [
         (args.env_id not in scenarios, f"unknown VMAS scenario --env-id {args.env_id!r}: choose one of {scenarios}"),
@@ -149,18 +143,12 @@ def check_args(args: Args) -> Optional[str]:
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
         (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
         (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
         (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
     ]
-    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
-        return problem
-    try:  # the scenario itself decides which agent counts it takes
-        VMASEnvs(args, 1, 0, torch.device("cpu"))
-    except (AssertionError, ValueError, TypeError) as error:
-        return f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out"
+    return next((message for wrong, message in problems if wrong), None)
 
 
 class VMASEnvs:
@@ -170,8 +158,6 @@ class VMASEnvs:
     final_state, the state before a reset: finished environments restart in place, each on its own."""
 
     def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
-        import vmas
-
         # vmas may print notices and warn of unused kwargs (an n_agents it ignores is caught below) while building
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -187,10 +173,8 @@ class VMASEnvs:
         self.state_dim = sum(space.shape[0] for space in self.env.observation_space)
         n = len(self.agents)  # a shared actor tells the agents apart by a one-hot id after the observation
         self.obs_dims = [space.shape[0] + n * self.share_actor for space in self.env.observation_space]
-        self.act_dims = [
-            self.env.get_agent_action_size(a) if self.continuous else int(s.n)
-            for a, s in zip(self.agents, self.env.action_space, strict=True)
-        ]
+        spaces = zip(self.agents, self.env.action_space, strict=True)
+        self.act_dims = [self.env.get_agent_action_size(a) if self.continuous else int(s.n) for a, s in spaces]
 
     def _arrays(self, obs: list) -> tuple:
         padded = torch.stack([F.pad(o, (0, max(self.obs_dims) - o.shape[-1])) for o in obs], 1)
@@ -202,14 +186,13 @@ class VMASEnvs:
         return self._arrays(self.env.reset(seed=seed))
 
     def step(self, actions: Tensor) -> tuple:
-        if self.continuous:  # each agent reads its first act_dim entries
+        if self.continuous:  # each agent reads its first act_dim entries (discrete: its column of action indices)
             actions = [actions[:, i, :dim] for i, dim in enumerate(self.act_dims)]
-        obs, rewards, terminated, truncated, _ = self.env.step(actions if self.continuous else list(actions.unbind(1)))
+        obs, rewards, terminated, truncated, _ = self.env.step(actions if self.continuous else list(actions.long().T))
         rewards = torch.stack([r.reshape(self.num_envs) for r in rewards], 1)  # (E, N)
         reward = rewards[:, 0] if self.shared_reward else rewards.sum(1)
         final_obs, final_state = self._arrays(obs)
-        done = terminated | truncated
-        done_envs = done.nonzero().flatten().tolist()  # VMAS resets by index: the one host copy of a step
+        done_envs = (terminated | truncated).nonzero().flatten().tolist()  # VMAS resets by index: one host copy
         if len(done_envs) == self.num_envs:
             obs = self.env.reset()
         elif done_envs:
@@ -219,8 +202,7 @@ class VMASEnvs:
         next_obs, next_state = self._arrays(obs) if done_envs else (final_obs, final_state)
         return next_obs, next_state, reward, terminated, truncated, final_state
 
-    def close(self) -> None:
-        """Closes the renderer's window if one was opened (the simulator itself is tensors only)."""
+    def close(self) -> None:  # the renderer's window, if one was opened (the simulator itself is tensors only)
         if self.env.viewer is not None:
             self.env.viewer.close()
 
@@ -251,43 +233,24 @@ class Actor(nn.Module):
             self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
     def distribution(self, obs: Tensor) -> Distribution:
-        """The action distribution given padded observations (..., max_obs_dim)."""
-        return head(self.net(obs[..., : self.obs_dim]), self.std() if self.continuous else None)
-
-    def std(self) -> Tensor:
-        """The Gaussian's state-independent std: HARL's 0.5 * sigmoid(p), or exp(p)."""
-        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-
-
-def head(out: Tensor, std: Optional[Tensor]) -> Distribution:
-    """Categorical over the logits out, or Gaussian of mean out and std (log-probability summed over dimensions)."""
-    return Categorical(logits=out) if std is None else Independent(Normal(out, std.expand_as(out)), 1)
+        """The action distribution given padded observations (..., max_obs_dim): categorical over the logits, or
+        Gaussian with HARL's std 0.5 * sigmoid(p) or exp(p) (its log-probability sums over the dimensions)."""
+        out = self.net(obs[..., : self.obs_dim])
+        if not self.continuous:
+            return Categorical(logits=out)
+        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
+        return Independent(Normal(out, std.expand_as(out)), 1)
 
 
 @torch.inference_mode()
-def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim) or (E, N), log-probabilities (E, N). The agents of one
-    shape act in one pass through their layers' stacked weights (a loop over agents costs MPE a fifth of its speed)."""
-    max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [None] * len(actors), [None] * len(actors)
-    for obs_dim, act_dim in sorted({(actor.obs_dim, actor.act_dim) for actor in actors}):
-        group = [i for i, actor in enumerate(actors) if (actor.obs_dim, actor.act_dim) == (obs_dim, act_dim)]
-        x = obs[:, group, :obs_dim].transpose(0, 1)  # (G, E, obs_dim): each agent its own observation
-        for layers in zip(*(actors[i].net for i in group), strict=True):  # the same layer of every agent of the group
-            if isinstance(layers[0], nn.ReLU):
-                x = x.relu()
-                continue
-            weight, bias = torch.stack([m.weight for m in layers]), torch.stack([m.bias for m in layers]).unsqueeze(1)
-            if isinstance(layers[0], nn.Linear):
-                x = torch.baddbmm(bias, x, weight.mT)
-            else:  # LayerNorm
-                x = F.layer_norm(x, x.shape[-1:]) * weight.unsqueeze(1) + bias
-        std = torch.stack([actors[i].std() for i in group]).unsqueeze(1) if actors[0].continuous else None
-        dist = head(x, std)
+def act(actors: list, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), zero-padded, or (E, N), and log-probabilities (E, N)."""
+    max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [], []
+    for i, actor in enumerate(actors):  # each agent acts on its own observation with its own actor
+        dist = actor.distribution(obs[:, i])
         action = dist.mode if deterministic else dist.sample()
-        logprob = dist.log_prob(action)
-        action = F.pad(action, (0, max_act_dim - act_dim)) if std is not None else action  # zero padding
-        for j, i in enumerate(group):
-            actions[i], logprobs[i] = action[j], logprob[j]
+        logprobs.append(dist.log_prob(action))
+        actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)) if actor.continuous else action)
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
 
@@ -380,10 +343,7 @@ def critic_loss(
     """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
     predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
-    if huber_delta is None:
-        errors = 0.5 * (predictions - returns) ** 2
-    else:
-        errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
+    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
     return errors.max(0).values
 
 
@@ -411,13 +371,10 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
             frames.append(envs.env.render(mode="rgb_array", env_index=0))
         action, _ = act(actors, next_obs, deterministic=True)
         next_obs, _, reward, terminated, truncated, _ = envs.step(action)
-        episode_returns += reward
-        done = terminated | truncated
-        returns = torch.where(done & returns.isnan(), episode_returns, returns)
-        episode_returns *= ~done
-    if frames:
-        save_video = importlib.import_module("gymnasium.utils.save_video").save_video  # needs moviepy: imported here
-        save_video(frames, video_folder, fps=30, name_prefix=args.env_id)
+        episode_returns += reward  # on past an environment's first episode, which alone counts
+        returns = torch.where((terminated | truncated) & returns.isnan(), episode_returns, returns)
+    if frames:  # gymnasium's save_video needs moviepy: imported here
+        importlib.import_module("gymnasium.utils.save_video").save_video(frames, video_folder, fps=30)
     envs.close()
     shared[:] = saved
     return returns.tolist()
@@ -429,7 +386,7 @@ def load_checkpoint(args: Args) -> dict:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
-    may_change = "total_timesteps num_iterations resume checkpoint_every cuda torch_threads track wandb_project_name"
+    may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
     may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
     flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
     for name, value in flags[:1]:
@@ -454,8 +411,7 @@ if __name__ == "__main__":
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = 0 if args.eval_model else max(1, args.total_timesteps // args.batch_size)  # 0: no training
     checkpoint = None if args.resume is None else load_checkpoint(args)
-    num_agents_tag = f"_n{args.num_agents}" if args.num_agents is not None else ""
-    run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
     if args.track:
         import wandb
@@ -475,17 +431,18 @@ if __name__ == "__main__":
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # small networks gain little from more
 
     # env setup: every environment in one batched simulator on the training device
-    envs = VMASEnvs(args, args.num_envs, args.seed, device)
+    try:  # the scenario itself decides which agent counts it takes
+        envs = VMASEnvs(args, args.num_envs, args.seed, device)
+    except (AssertionError, ValueError, TypeError) as error:
+        fail(f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out")
     num_agents, obs_dims, act_dims, state_dim = len(envs.agents), envs.obs_dims, envs.act_dims, envs.state_dim
-    obs_shape = (num_agents, max(obs_dims))  # (num_agents, max_obs_dim)
     action_shape = (num_agents, max(act_dims)) if args.continuous_actions else (num_agents,)
 
     if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
-        sizes = f"observations of {sorted(set(obs_dims))} and actions of {sorted(set(act_dims))}"
-        fail(f"--share-actor needs agents of one observation and action size, not {sizes}")
+        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
     sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]  # one actor, or one each
     actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
     actors = actors.to(device)
@@ -494,11 +451,9 @@ if __name__ == "__main__":
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
-    if args.eval_model is not None:  # no training: the final evaluation below, of the saved actors
-        load_model(args.eval_model, actors)
 
     # ALGO Logic: Storage setup
-    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
+    obs = torch.zeros((args.num_steps, args.num_envs, num_agents, max(obs_dims)), device=device)  # (T, E, N, max_obs)
     states = torch.zeros((args.num_steps, args.num_envs, state_dim), device=device)  # (T, E, state_dim)
     next_states = torch.zeros_like(states)  # the state step t reached, before any reset
     actions = torch.zeros((args.num_steps, args.num_envs) + action_shape, device=device)  # (T, E, N[, max_act_dim])
@@ -530,7 +485,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
     episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
-    recent_returns, mean_return, bad_updates = [], float("nan"), 0
+    recent_returns, mean_return = [], float("nan")
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
@@ -551,9 +506,7 @@ if __name__ == "__main__":
             actions[step], logprobs[step] = act(policies, next_obs)
 
             # TRY NOT TO MODIFY: execute the game and log data.
-            next_obs, next_state, rewards[step], terminated, truncated, next_states[step] = envs.step(
-                actions[step] if args.continuous_actions else actions[step].long()
-            )
+            next_obs, next_state, rewards[step], terminated, truncated, next_states[step] = envs.step(actions[step])
             terminations[step], dones[step] = terminated, terminated | truncated
             episode_returns, episode_lengths = episode_returns + rewards[step], episode_lengths + 1
             if (done := terminated | truncated).any():  # one copy to the host for all finished episodes
@@ -611,9 +564,7 @@ if __name__ == "__main__":
                             log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
                         samples = (b_obs[:, agent], b_actions[:, agent], b_logprobs[:, agent], b_advantages, m_used)
                         skipped += not agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
-                        last = epoch == args.update_epochs - 1 and start + args.minibatch_size >= args.batch_size
-                        ratio_logs = logs if last else {"approx_kl": [], "clipfrac": []}  # the KL at the end
-                        factor = factor * agent_ratio(actor, samples, args.clip_coef, ratio_logs)
+                        factor = factor * agent_ratio(actor, samples, args.clip_coef, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
@@ -626,13 +577,10 @@ if __name__ == "__main__":
                 skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
                 logs["value_loss"].append(v_loss.item())
 
-        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; three such iterations in a row stop
-        bad_updates = bad_updates + 1 if skipped else 0
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
         if skipped:
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
-        if bad_updates == 3:
-            fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
@@ -663,10 +611,11 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
-        print(f"model saved to {model_path}")
-        actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
+        args.eval_model = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, args.eval_model)
+        print(f"model saved to {args.eval_model}")
+    if args.eval_model is not None:  # the actors the file holds (--eval-model: instead of training)
+        load_model(args.eval_model, actors)
     if args.eval_every or args.eval_model or args.save_model or args.capture_video:
         episodic_returns = evaluate(policies, args, device, f"videos/{run_name}" if args.capture_video else None)
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)

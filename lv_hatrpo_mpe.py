@@ -1,7 +1,6 @@
 # lv_hatrpo_mpe.py: LV-HATRPO on MPE (PettingZoo MPE, package mpe2). Docs: docs/lv_hatrpo_mpe.md
 import importlib.util
 import math
-import multiprocessing
 import os
 import re
 import signal
@@ -68,10 +67,6 @@ class Args:
     """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 10
     """the number of parallel environments"""
-    vector_env: Literal["sync", "async"] = "sync"
-    """gymnasium's vector environment: `sync` (one process) or `async` (one subprocess per environment)"""
-    torch_threads: int = 1
-    """torch's CPU threads: small networks gain little from more, and busy cores make extra threads spin-wait"""
     num_steps: int = 100
     """the number of steps to run in each environment per policy rollout"""
     gamma: float = 0.99
@@ -135,7 +130,7 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
 def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
     positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta torch_threads").split()
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta").split()
     positive += ["critic_learning_rate", "kl_threshold", "cg_iters", "ls_steps", "backtrack_coef"]
     for name, value in vars(args).items():
         wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
@@ -149,7 +144,6 @@ def check_args(args: Args) -> Optional[str]:
         (max(args.accept_ratio, args.backtrack_coef) > 1, "--accept-ratio and --backtrack-coef must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.resume is not None and not os.path.isfile(str(args.resume)), f"--resume {args.resume}: no such file"),
         (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
         (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
@@ -215,9 +209,6 @@ class MultiAgentArrays(gym.Env):
 
 def make_env(args: Args, render_mode: Optional[str] = None):
     def thunk():
-        if multiprocessing.parent_process() is not None:  # an async worker: interrupts are the learner's to handle
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return MultiAgentArrays(args, render_mode)
 
     return thunk
@@ -249,43 +240,24 @@ class Actor(nn.Module):
             self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
     def distribution(self, obs: Tensor) -> Distribution:
-        """The action distribution given padded observations (..., max_obs_dim)."""
-        return head(self.net(obs[..., : self.obs_dim]), self.std() if self.continuous else None)
-
-    def std(self) -> Tensor:
-        """The Gaussian's state-independent std: HARL's 0.5 * sigmoid(p), or exp(p)."""
-        return 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-
-
-def head(out: Tensor, std: Optional[Tensor]) -> Distribution:
-    """Categorical over the logits out, or Gaussian of mean out and std (log-probability summed over dimensions)."""
-    return Categorical(logits=out) if std is None else Independent(Normal(out, std.expand_as(out)), 1)
+        """The action distribution given padded observations (..., max_obs_dim): categorical over the logits, or
+        Gaussian with HARL's std 0.5 * sigmoid(p) or exp(p) (its log-probability sums over the dimensions)."""
+        out = self.net(obs[..., : self.obs_dim])
+        if not self.continuous:
+            return Categorical(logits=out)
+        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
+        return Independent(Normal(out, std.expand_as(out)), 1)
 
 
 @torch.inference_mode()
-def act(actors: nn.ModuleList, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim) or (E, N), log-probabilities (E, N). The agents of one
-    shape act in one pass through their layers' stacked weights (a loop over agents costs MPE a fifth of its speed)."""
-    max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [None] * len(actors), [None] * len(actors)
-    for obs_dim, act_dim in sorted({(actor.obs_dim, actor.act_dim) for actor in actors}):
-        group = [i for i, actor in enumerate(actors) if (actor.obs_dim, actor.act_dim) == (obs_dim, act_dim)]
-        x = obs[:, group, :obs_dim].transpose(0, 1)  # (G, E, obs_dim): each agent its own observation
-        for layers in zip(*(actors[i].net for i in group), strict=True):  # the same layer of every agent of the group
-            if isinstance(layers[0], nn.ReLU):
-                x = x.relu()
-                continue
-            weight, bias = torch.stack([m.weight for m in layers]), torch.stack([m.bias for m in layers]).unsqueeze(1)
-            if isinstance(layers[0], nn.Linear):
-                x = torch.baddbmm(bias, x, weight.mT)
-            else:  # LayerNorm
-                x = F.layer_norm(x, x.shape[-1:]) * weight.unsqueeze(1) + bias
-        std = torch.stack([actors[i].std() for i in group]).unsqueeze(1) if actors[0].continuous else None
-        dist = head(x, std)
+def act(actors: list, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), zero-padded, or (E, N), and log-probabilities (E, N)."""
+    max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [], []
+    for i, actor in enumerate(actors):  # each agent acts on its own observation with its own actor
+        dist = actor.distribution(obs[:, i])
         action = dist.mode if deterministic else dist.sample()
-        logprob = dist.log_prob(action)
-        action = F.pad(action, (0, max_act_dim - act_dim)) if std is not None else action  # zero padding
-        for j, i in enumerate(group):
-            actions[i], logprobs[i] = action[j], logprob[j]
+        logprobs.append(dist.log_prob(action))
+        actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)) if actor.continuous else action)
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
 
@@ -392,10 +364,7 @@ def critic_loss(
     """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
     predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
-    if huber_delta is None:
-        errors = 0.5 * (predictions - returns) ** 2
-    else:
-        errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta)
+    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
     return errors.max(0).values
 
 
@@ -433,7 +402,7 @@ def load_checkpoint(args: Args) -> dict:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
-    may_change = "total_timesteps num_iterations resume checkpoint_every cuda torch_threads track wandb_project_name"
+    may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
     may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
     flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
     for name, value in flags[:1]:
@@ -480,12 +449,10 @@ if __name__ == "__main__":
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # small networks gain little from more
 
     # env setup: SAME_STEP autoreset puts an episode's final state, which the critic bootstraps, in infos
-    env_fns = [make_env(args)] * args.num_envs
-    vector_cls = gym.vector.AsyncVectorEnv if args.vector_env == "async" else gym.vector.SyncVectorEnv
-    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv([make_env(args)] * args.num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs_dims, act_dims = envs.get_attr("obs_dims")[0], envs.get_attr("act_dims")[0]  # each agent's own sizes
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     num_agents = len(obs_dims)
@@ -500,8 +467,6 @@ if __name__ == "__main__":
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
-    if args.eval_model is not None:  # no training: the final evaluation below, of the saved actors
-        load_model(args.eval_model, actors)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)
@@ -534,7 +499,7 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
-    recent_returns, mean_return, bad_updates = [], float("nan"), 0
+    recent_returns, mean_return = [], float("nan")
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
@@ -625,13 +590,10 @@ if __name__ == "__main__":
                 skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
                 logs["value_loss"].append(v_loss.item())
 
-        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step; three such iterations in a row stop
-        bad_updates = bad_updates + 1 if skipped else 0
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
         if skipped:
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
-        if bad_updates == 3:
-            fail(f"{bad_updates} iterations in a row skipped steps; the last checkpoint, if any: {checkpoint_path}")
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
@@ -662,10 +624,11 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
-        print(f"model saved to {model_path}")
-        actors.load_state_dict(torch.load(model_path, map_location=device)["actors"])  # evaluate what the file holds
+        args.eval_model = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, args.eval_model)
+        print(f"model saved to {args.eval_model}")
+    if args.eval_model is not None:  # the actors the file holds (--eval-model: instead of training)
+        load_model(args.eval_model, actors)
     if args.eval_every or args.eval_model or args.save_model or args.capture_video:
         episodic_returns = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)

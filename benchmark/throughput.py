@@ -4,7 +4,7 @@ For each setting, alternately (so that the machine's noise hits both alike):
   raw:   the same environments (scenario, number of envs) in a `SyncVectorEnv`, stepped with random actions by a
          single process, no learning: the simulator's limit on one core (SMAX and VMAS: the script's own batched
          adapter, random actions, same number of environments);
-  train: the script itself with the setting's flags (`--vector-env async` included), its last logged `charts/SPS`
+  train: the script itself with the setting's flags, its last logged `charts/SPS`
          (rollout, GAE and all updates included), and its median `perf/rollout_time` and `perf/update_time`.
   library: for MPE and MaMuJoCo, the environments as their library ships them, PettingZoo's parallel API
          (mpe2's and MaMuJoCo's `parallel_env`), `--num-envs` of them stepped in turn with random actions (drawn
@@ -14,7 +14,6 @@ The table reports the medians over --repeats and the ratios train / library and 
 The settings are benchmark/run.py's; flags after `--` are added to each (a row is named by both):
 
     python benchmark/throughput.py --settings mpe-spread-n3 mpe-spread-n5 paper-mpe-spread-n3 --repeats 3
-    python benchmark/throughput.py --settings mpe-spread-n3 mpe-spread-n5 --repeats 3 -- --vector-env async
     python benchmark/throughput.py --settings smax-3m --steps 320000 --repeats 3
     python benchmark/throughput.py --plot     # the MPE rows against N, from the CSV
 """
@@ -137,7 +136,7 @@ def raw_smax_sps(module, args, steps: int) -> float:
 def raw_vmas_sps(module, args, steps: int) -> float:
     import torch
 
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as the scripts
     cpu = torch.device("cpu")
     envs = module.VMASEnvs(args, args.num_envs, 0, cpu)
     envs.reset()

@@ -116,7 +116,6 @@ def test_capture_video_writes_a_video(tmp_cwd):
     "flags, message",
     [
         (("--env-id", "simple_spreadd"), "unknown VMAS scenario --env-id 'simple_spreadd'"),
-        (("--env-id", "simple_speaker_listener", "--num-agents", "4"), "simple_speaker_listener refuses"),
         (("--num-agents", "0"), "--num-agents must be a positive number"),
         (("--max-steps", "0"), "--max-steps must be a positive number"),
         (("--factor-clip", "inf"), "--factor-clip must be a positive number, got inf"),
@@ -126,6 +125,15 @@ def test_capture_video_writes_a_video(tmp_cwd):
 )
 def test_bad_flags_are_refused(flags, message):
     assert message in flag_error(lv, *flags)
+
+
+def test_a_team_size_the_scenario_refuses_ends_in_one_line_before_training(tmp_cwd):
+    result = run_script(SCRIPT, "--env-id", "simple_speaker_listener", "--num-agents", "4", cwd=tmp_cwd, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "global_step=" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "lv_happo_vmas.py: error: simple_speaker_listener refuses these settings (it always has 2 agents): "
+        "try another --num-agents, or leave it out"
+    ]
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):

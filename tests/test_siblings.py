@@ -27,9 +27,8 @@ SHARED = {
     "gradient_step": EVERY,
     "make_env": GYM,
     "Actor": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
-    "head": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "act": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
-    "evaluate": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py"},
+    "evaluate": GYM,
     "load_checkpoint": EVERY,
     "load_model": EVERY,
 }
@@ -43,14 +42,11 @@ DIFFERENT = {
     ("make_env", "lv_happo_vmas.py"): "one batched simulator (`VMASEnvs`), not thunks",
     ("Actor", "lv_happo_mamujoco.py"): "Gaussian policies only",
     ("Actor", "lv_happo_smac.py"): "categorical policies over the available actions",
-    ("head", "lv_happo_mamujoco.py"): "Gaussian policies only",
-    ("head", "lv_happo_smac.py"): "no separate head: the available-action mask is the actor's",
     ("act", "lv_happo_mamujoco.py"): "Gaussian policies only",
     ("act", "lv_happo_smac.py"): "available-action masks; every SMAX agent of a map has the same sizes",
     ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples (agent_samples: available actions,"
     " alive masks, the FP critic's per-agent advantages), among its available actions",
     ("agent_ratio", "lv_happo_smac.py"): "a dead agent's forced no-op contributes a ratio of 1",
-    ("evaluate", "lv_happo_mamujoco.py"): "MuJoCo's off-screen rendering, and a warning where it cannot render",
     ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
     ("evaluate", "lv_happo_vmas.py"): "one batch of episodes, VMAS's shared random state",
 }
