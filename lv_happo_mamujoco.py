@@ -478,6 +478,7 @@ if __name__ == "__main__":
     try:  # one environment first: gymnasium-robotics fails on some tasks (CoupledHalfCheetah with mujoco 4), and
         env = make_env(args, "rgb_array")()  # videos need MuJoCo's off-screen rendering: said now, not after training
         if args.capture_video:
+            env.reset(seed=args.seed)
             env.render()
         env.close()
     except Exception as error:

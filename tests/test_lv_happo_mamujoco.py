@@ -154,6 +154,7 @@ def test_capture_video_without_renderer_ends_before_training_in_one_line(tmp_cwd
     assert result.returncode == 1 and "Traceback" not in result.stderr and "global_step=" not in result.stdout
     last = result.stderr.strip().splitlines()[-1]  # GLFW's own warnings come before it
     assert last.startswith("lv_happo_mamujoco.py: error: cannot build HalfCheetah 6x1 or render it"), result.stderr
+    assert "OpenGL" in last  # MuJoCo's own reason: no GL context
     assert not list(tmp_cwd.rglob("*.mp4"))
 
 
