@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ sys.path.insert(0, str(ROOT))
 # as lv_happo_smac.py sets them before jax is first imported: jax on the CPU, one XLA thread
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(worker_id: str) -> None:
+    """SMAX compiles the same programs in many test processes: jax's persistent cache keeps them, one folder per
+    xdist worker, so that no two processes write one entry at once."""
+    folder = os.path.join(tempfile.gettempdir(), f"lv-marl-jax-cache-{worker_id}")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
 
 
 def run_script(script: str, *flags: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
