@@ -23,10 +23,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 
 
 @pytest.fixture(scope="session", autouse=True)
-def jax_compilation_cache(worker_id: str) -> None:
+def jax_compilation_cache() -> None:
     """SMAX compiles the same programs in many test processes: jax's persistent cache keeps them, one folder per
     xdist worker, so that no two processes write one entry at once."""
-    folder = os.path.join(tempfile.gettempdir(), f"lv-marl-jax-cache-{worker_id}")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # set in each worker before its first test
+    folder = os.path.join(tempfile.gettempdir(), f"lv-marl-jax-cache-{worker}")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
 
 
