@@ -371,7 +371,7 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
             frames.append(envs.env.render(mode="rgb_array", env_index=0))
         action, _ = act(actors, next_obs, deterministic=True)
         next_obs, _, reward, terminated, truncated, _ = envs.step(action)
-        episode_returns += reward  # on past an environment's first episode, which alone counts
+        episode_returns += reward  # adds up past an environment's first episode too, but only that one is kept
         returns = torch.where((terminated | truncated) & returns.isnan(), episode_returns, returns)
     if frames:  # gymnasium's save_video needs moviepy: imported here
         importlib.import_module("gymnasium.utils.save_video").save_video(frames, video_folder, fps=30)
