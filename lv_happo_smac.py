@@ -1,5 +1,4 @@
 # lv_happo_smac.py: LV-HAPPO on SMAC, with SMAX (JaxMARL) or StarCraft II (smac). Docs: docs/lv_happo_smac.md
-import contextlib
 import importlib.util
 import math
 import os
@@ -153,23 +152,17 @@ def check_args(args: Args) -> Optional[str]:
         return f"unknown {args.backend} map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
 
 
-MARINE_MAPS = {"8m_vs_9m": (8, 9)}  # SMAC's marine maps that SMAX lacks: (allies, enemies), marines all
-
-
 def smax_maps() -> dict:
-    """SMAX's scenarios by map name, with SMAC's marine maps that it lacks."""
+    """SMAX's scenarios by map name, with SMAC's 8m_vs_9m that it lacks (8 marines, unit type 0, against 9)."""
     import jax.numpy as jnp
+    from jaxmarl.environments.smax import smax_env
 
-    smax = importlib.import_module("jaxmarl.environments.smax.smax_env")
-    for name, (allies, enemies) in MARINE_MAPS.items():  # unit type 0: marine
-        smax.register_scenario(
-            name, smax.Scenario(jnp.zeros(allies + enemies, jnp.uint8), allies, enemies, False, False)
-        )
-    return smax.MAP_NAME_TO_SCENARIO
+    smax_env.register_scenario("8m_vs_9m", smax_env.Scenario(jnp.zeros(17, jnp.uint8), 8, 9, False, False))
+    return smax_env.MAP_NAME_TO_SCENARIO
 
 
 RESET_KEYS = ("obs", "state", "avail", "active")  # what both backends' reset() returns; step() adds the rest
-STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs", "final_state")
+STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs", "final_state", "restarted")
 
 
 class SMAXEnvs:
@@ -189,9 +182,6 @@ class SMAXEnvs:
         self.num_agents = n = env.num_agents
         self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
         self.num_actions = int(env.action_spaces[env.agents[0]].n)
-        # arrays cross devices by DLPack only where jax runs on torch's device; else through host memory
-        self.shared_device = device if device.type == "cpu" or jax.default_backend() == "gpu" else torch.device("cpu")
-        self.restarted = torch.zeros(num_envs, dtype=torch.bool, device=device)
 
         def observe(state) -> tuple:
             obs, avail = env.get_obs(state), env.get_avail_actions(state)
@@ -211,7 +201,8 @@ class SMAXEnvs:
             reset_state = env.reset(key_reset)[1]  # a finished game restarts in the same step
             state = jax.tree.map(lambda r, s: jnp.where(dones["__all__"], r, s), reset_state, state)
             ends = (terminated, dones["__all__"] & ~terminated, allies_alive & ~enemies_alive)
-            return state, (*observe(state), rewards[env.agents[0]], *ends, final_obs, final_state)
+            restarted = jnp.zeros((), bool)  # only a StarCraft II process crashes
+            return state, (*observe(state), rewards[env.agents[0]], *ends, final_obs, final_state, restarted)
 
         def many(fn: Callable) -> Callable:  # vmapped over environments, each with its own key
             def batched(key, *xs):
@@ -221,10 +212,8 @@ class SMAXEnvs:
             return jax.jit(batched)
 
         self._reset, self._step = many(reset), many(step)
-        first = self.reset(seed)
-        self.state_dim = first["state"].shape[-1]
-        self.step(first["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
-        self.key = jax.random.PRNGKey(seed)
+        self.state_dim = env.state_size
+        self.step(self.reset(seed)["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
 
     def _to_torch(self, arrays: tuple, names: tuple) -> dict:
         return {name: torch.from_dlpack(x).to(self.device) for name, x in zip(names, arrays, strict=True)}
@@ -235,9 +224,16 @@ class SMAXEnvs:
         return self._to_torch(arrays, RESET_KEYS)
 
     def step(self, actions: Tensor) -> dict:
-        action = self.jnp.from_dlpack(actions.to(self.shared_device, torch.int32))
+        action = self.jnp.asarray(actions.cpu().numpy())  # a few bytes: through host memory, whatever the devices
         self.key, self.states, arrays = self._step(self.key, self.states, action)
-        return self._to_torch(arrays, STEP_KEYS) | {"restarted": self.restarted}
+        return self._to_torch(arrays, STEP_KEYS)
+
+    def replay_step(self, actions: Tensor) -> tuple:
+        """Game 0's coming step as JaxMARL's visualizer replays it: the game's key (split as `many` splits it), state
+        and actions."""
+        key = self.jax.random.split(self.jax.random.split(self.key)[1], self.num_envs)[0]
+        action = dict(zip(self.env.agents, self.jnp.asarray(actions[0].cpu().numpy()), strict=True))
+        return key, self.jax.tree.map(lambda x: x[0], self.states), action
 
     def close(self) -> None:
         pass
@@ -274,20 +270,18 @@ class SC2Envs:
         for i, action in enumerate(actions.cpu().numpy()):
             reward, done, info = self.games[i].step(action.tolist())
             restarted = done and not info  # smac restarts a crashed game itself, returning (0, True, {})
+            truncated = done and (restarted or info.get("episode_limit", False))
             final = self.last[i] if restarted else self._observe(i)  # a lost episode ends at the last state seen
             if done:
                 self.games[i].reset()
-            truncated, won = done and (restarted or bool(info.get("episode_limit"))), bool(info.get("battle_won"))
             self.last[i] = self._observe(i)
-            rows.append((*self.last[i], reward, done and not truncated, truncated, won, *final[:2], restarted))
-        out = self._batch(rows, STEP_KEYS + ("restarted",))
-        out["reward"] = out["reward"].float()
-        return out
+            ends = (np.float32(reward), done and not truncated, truncated, info.get("battle_won", False))
+            rows.append((*self.last[i], *ends, *final[:2], restarted))
+        return self._batch(rows, STEP_KEYS)
 
     def close(self) -> None:
         for game in self.games:
-            with contextlib.suppress(Exception):
-                game.close()
+            game.close()
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -399,14 +393,6 @@ def actor_loss(
     return -masked_mean(factor * surrogate, mask)
 
 
-def agent_samples(batch: tuple, agent: int, state_type: str, factor: Tensor) -> list:
-    """One agent's observations, available actions, actions, behaviour log-probabilities, advantages (its own with
-    the FP critic, the team's with EP) and alive mask from the batch (obs, avail, actions, logprobs, adv, active),
-    and the factor."""
-    advantages = batch[4] if state_type == "FP" else batch[4].expand_as(batch[5])  # (B, N): every agent's column
-    return [x[:, agent] for x in (*batch[:4], advantages, batch[5])] + [factor]
-
-
 def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, args: Args, logs: dict) -> bool:
     """One step on -E[M * clipped surrogate] - ent_coef * entropy over the living samples in a minibatch of the agent's
     (a dead agent's forced no-op teaches nothing); False when a non-finite loss or gradient skipped it."""
@@ -463,40 +449,21 @@ def make_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_
     if args.backend == "smax":
         return SMAXEnvs(args.env_id, num_envs, seed, device, args.max_steps)
     game = importlib.import_module("smac.env").StarCraft2Env
-    return SC2Envs([game(map_name=args.env_id, seed=seed + i, replay_dir=replay_dir) for i in range(num_envs)], device)
-
-
-def save_smax_animation(envs: SMAXEnvs, actors: nn.ModuleList, path: str, seed: int) -> None:
-    """One deterministic episode of a single SMAX game, drawn by JaxMARL's visualizer into a GIF at path."""
-    import matplotlib
-    from jaxmarl.viz.visualizer import SMAXVisualizer
-
-    matplotlib.rcParams["animation.writer"] = "pillow"  # GIFs without ffmpeg
-    env, jax, jnp = envs.env, envs.jax, envs.jnp
-    key, key_reset = jax.random.split(jax.random.PRNGKey(seed))
-    _, state = env.reset(key_reset)
-    state_seq, done = [], False
-    while not done:
-        obs, avail = env.get_obs(state), env.get_avail_actions(state)
-        obs = torch.as_tensor(np.stack([obs[a] for a in env.agents]), device=envs.device).unsqueeze(0)
-        avail = torch.as_tensor(np.stack([avail[a] for a in env.agents]), device=envs.device).bool().unsqueeze(0)
-        action = act(actors, obs, avail, deterministic=True)[0][0].cpu().numpy()
-        actions = {a: jnp.asarray(action[i]) for i, a in enumerate(env.agents)}
-        key, key_step = jax.random.split(key)
-        state_seq.append((key_step, state, actions))
-        _, state, _, dones, _ = env.step(key_step, state, actions)
-        done = bool(dones["__all__"])
-    SMAXVisualizer(env, state_seq).animate(save_fname=path, view=False)
+    options = {"map_name": args.env_id, "replay_dir": replay_dir, "continuing_episode": True}  # reports time limits
+    return SC2Envs([game(seed=seed + i, **options) for i in range(num_envs)], device)
 
 
 def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str] = None) -> tuple:
-    """Team returns and wins of deterministic episodes on evaluation envs (SMAX: one per game; sc2: all in one game)."""
-    returns, wins = [], []
+    """Team returns and wins of deterministic episodes on evaluation envs (SMAX: one per game; sc2: all in one game);
+    with video_folder, a GIF of the first SMAX game's episode or StarCraft II's replays."""
+    returns, wins, replay = [], [], []
     episodes = np.zeros(envs.num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
     episode_returns = torch.zeros(envs.num_envs, device=envs.device)
     next_ = envs.reset(seed=args.seed + 10_000)
     while len(returns) < args.eval_episodes:
         action, _ = act(actors, next_["obs"], next_["avail"], deterministic=True)
+        if video_folder is not None and args.backend == "smax" and episodes[0] == 0:
+            replay.append(envs.replay_step(action))
         next_ = envs.step(action)
         episode_returns += next_["reward"]
         done = next_["terminated"] | next_["truncated"]
@@ -508,8 +475,12 @@ def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str
         episode_returns *= ~done
     if video_folder is not None:
         os.makedirs(video_folder, exist_ok=True)
-        if args.backend == "smax":
-            save_smax_animation(envs, actors, os.path.join(video_folder, f"{args.env_id}.gif"), args.seed + 10_000)
+        if args.backend == "smax":  # JaxMARL's visualizer re-plays the steps between decisions
+            from jaxmarl.viz.visualizer import SMAXVisualizer
+
+            SMAXVisualizer(envs.env, replay).animate(
+                save_fname=os.path.join(video_folder, f"{args.env_id}.gif"), view=False
+            )
         else:
             envs.games[0].save_replay()
     return returns[: args.eval_episodes], wins[: args.eval_episodes]
@@ -574,13 +545,13 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # small networks gain little from more
 
     # env setup: SMAX compiles its step here; StarCraft II starts one game per environment
-    try:
+    try:  # smac launches StarCraft II at a game's first reset
         envs = make_env(args, args.num_envs, args.seed, device)
+        next_ = envs.reset()
     except Exception as error:  # StarCraft II missing or broken (SMAX's own errors keep their traceback)
         if args.backend == "sc2":
             fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
         raise
-    next_ = envs.reset()
     # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
     if args.eval_every or args.eval_model or args.save_model or args.capture_video:
         replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
@@ -699,11 +670,12 @@ if __name__ == "__main__":
         factor = torch.ones(args.batch_size, device=device)
         b_inds = np.arange(args.batch_size)
         logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
-        batch = (b_obs, b_avail, b_actions, b_logprobs, b_advantages, b_active)
+        b_agent_advantages = b_advantages.expand_as(b_active)  # (B, N): FP its own per agent, EP the team's for all
+        batch = (b_obs, b_avail, b_actions, b_logprobs, b_agent_advantages, b_active)  # agent i's samples: x[:, i]
         if not args.share_actor:  # separate actors: agent after agent, each through all its epochs
             for k, agent in enumerate(order):
                 m_used = factor_used(factor, args.factor, args.factor_clip)
-                samples = agent_samples(batch, agent, args.state_type, m_used)  # obs, avail, act, logp, adv, alive, M
+                samples = [x[:, agent] for x in batch] + [m_used]  # obs, avail, act, logp, adv, alive, M
                 log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, global_step)
                 actor, optimizer = actors[agent], actor_optimizers[agent]
                 for epoch in range(args.update_epochs):
@@ -723,7 +695,7 @@ if __name__ == "__main__":
                     mb = b_inds[start : start + args.minibatch_size]
                     for k, agent in enumerate(order):
                         m_used = factor_used(factor, args.factor, args.factor_clip)
-                        samples = agent_samples(batch, agent, args.state_type, m_used)
+                        samples = [x[:, agent] for x in batch] + [m_used]
                         if epoch == args.update_epochs - 1 and start == 0:  # the last epoch's first pass is logged
                             weighted = (m_used * samples[4])[samples[5] > 0]
                             log_factor(writer, k, factor, weighted, args.factor_clip, global_step)

@@ -1,6 +1,8 @@
 """Tests of lv_happo_smac.py: masks, the SMAX and StarCraft II adapters, then the script run as a user runs it."""
 
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -117,6 +119,24 @@ def test_smax_time_limit_is_a_truncation_with_the_final_state():
     assert not torch.equal(out["final_state"], out["state"])  # beside the new game's start
 
 
+def test_smax_replay_steps_reproduce_game_0_for_the_visualizer(smax_3m):
+    """--capture-video's GIF: JaxMARL's visualizer re-plays each recorded (key, state, actions) with env.step's key
+    split; that must land on the state game 0 actually reached, or the drawing would show another game."""
+    envs, jax = smax_3m, smax_3m.jax
+    out = envs.reset(seed=3)
+    torch.manual_seed(0)
+    replay = []
+    for _ in range(6):
+        actions = torch.distributions.Categorical(probs=out["avail"].float()).sample()
+        replay.append(envs.replay_step(actions))
+        out = envs.step(actions)
+    for (key, state, action), (_, reached, _) in zip(replay[:-1], replay[1:], strict=True):
+        replayed = envs.env.step_env(jax.random.split(key)[0], state, action)[1]
+        np.testing.assert_allclose(replayed.state.unit_positions, reached.state.unit_positions)
+        np.testing.assert_allclose(replayed.state.unit_health, reached.state.unit_health)
+    assert not np.allclose(replay[0][1].state.unit_positions, replay[-1][1].state.unit_positions)  # they moved
+
+
 # ---------------------------------------------------------------- StarCraft II adapter, driven by a stand-in
 
 
@@ -185,6 +205,22 @@ def test_sc2_adapter_shapes_episode_ends_and_dead_agents():
     assert out["won"].tolist() == [True, False] and not out["restarted"].any()
     torch.testing.assert_close(out["final_state"], torch.full((2, 7), 4.0))
     torch.testing.assert_close(out["state"], torch.zeros(2, 7))
+
+
+def test_sc2_games_report_their_time_limits(monkeypatch):
+    """smac puts `episode_limit` in a step's info only with continuing_episode=True; without it a time limit would
+    read as a defeat (terminated, not bootstrapped)."""
+    made = []
+
+    def starcraft2env(**options) -> StandInStarCraft2Env:
+        made.append(options)
+        return StandInStarCraft2Env()
+
+    monkeypatch.setitem(sys.modules, "smac.env", types.SimpleNamespace(StarCraft2Env=starcraft2env))
+    args = lv.Args(backend="sc2", env_id="3m")
+    envs = lv.make_env(args, 2, 5, torch.device("cpu"), replay_dir="videos/x")
+    assert envs.num_envs == 2 and [o["seed"] for o in made] == [5, 6]
+    assert all(o["continuing_episode"] and o["map_name"] == "3m" and o["replay_dir"] == "videos/x" for o in made)
 
 
 def test_sc2_adapter_loses_the_episode_of_a_game_that_smac_restarted():

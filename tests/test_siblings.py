@@ -44,8 +44,7 @@ DIFFERENT = {
     ("Actor", "lv_happo_smac.py"): "categorical policies over the available actions",
     ("act", "lv_happo_mamujoco.py"): "Gaussian policies only",
     ("act", "lv_happo_smac.py"): "available-action masks; every SMAX agent of a map has the same sizes",
-    ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples (agent_samples: available actions,"
-    " alive masks, the FP critic's per-agent advantages), among its available actions",
+    ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples, among its available actions",
     ("agent_ratio", "lv_happo_smac.py"): "a dead agent's forced no-op contributes a ratio of 1",
     ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
     ("evaluate", "lv_happo_vmas.py"): "one batch of episodes, VMAS's shared random state",
