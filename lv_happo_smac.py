@@ -562,10 +562,8 @@ if __name__ == "__main__":
     critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
 
     num_ids = num_agents if args.share_actor else 0  # one actor and the agents' ids, or one actor per agent
-    actors = nn.ModuleList(
-        Actor(obs_dim, num_actions, args.hidden_sizes, num_ids) for _ in range(1 if num_ids else num_agents)
-    )
-    actors = actors.to(device)
+    actors = [Actor(obs_dim, num_actions, args.hidden_sizes, num_ids) for _ in range(1 if num_ids else num_agents)]
+    actors = nn.ModuleList(actors).to(device)
     policies = [actors[0]] * num_agents if args.share_actor else list(actors)  # agent i acts with policies[i]
     critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
     value_norm = ValueNorm(args.norm_value).to(device)
