@@ -204,14 +204,13 @@ class SMAXEnvs:
             restarted = jnp.zeros((), bool)  # only a StarCraft II process crashes
             return state, (*observe(state), rewards[env.agents[0]], *ends, final_obs, final_state, restarted)
 
-        def many(fn: Callable) -> Callable:  # vmapped over environments, each with its own key
-            def batched(key, *xs):
-                key, subkey = jax.random.split(key)
-                return key, *jax.vmap(fn)(jax.random.split(subkey, num_envs), *xs)
+        def env_keys(key) -> jax.Array:  # the games' keys in the call made with `key` (and in the GIF's replay)
+            return jax.random.split(jax.random.split(key)[1], num_envs)
 
-            return jax.jit(batched)
+        def many(fn: Callable) -> Callable:  # vmapped over environments, each with its own key; returns the next key
+            return jax.jit(lambda key, *xs: (jax.random.split(key)[0], *jax.vmap(fn)(env_keys(key), *xs)))
 
-        self._reset, self._step = many(reset), many(step)
+        self._reset, self._step, self.env_keys = many(reset), many(step), env_keys
         self.state_dim = env.state_size
         self.step(self.reset(seed)["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
 
@@ -229,9 +228,8 @@ class SMAXEnvs:
         return self._to_torch(arrays, STEP_KEYS)
 
     def replay_step(self, actions: Tensor) -> tuple:
-        """Game 0's coming step as JaxMARL's visualizer replays it: the game's key (split as `many` splits it), state
-        and actions."""
-        key = self.jax.random.split(self.jax.random.split(self.key)[1], self.num_envs)[0]
+        """Game 0's coming step as JaxMARL's visualizer replays it: the game's key, state and actions."""
+        key = self.env_keys(self.key)[0]
         action = dict(zip(self.env.agents, self.jnp.asarray(actions[0].cpu().numpy()), strict=True))
         return key, self.jax.tree.map(lambda x: x[0], self.states), action
 
@@ -759,7 +757,8 @@ if __name__ == "__main__":
         for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
             writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
         returns, wins = results
-        print(f"eval: episodic_return {np.mean(returns):.2f} ± {np.std(returns):.2f}, win rate {np.mean(wins):.2f}")
+        mean, std, n, win_rate = np.mean(returns), np.std(returns), len(returns), np.mean(wins)
+        print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {n} episodes), win rate {win_rate:.2f}")
         eval_envs.close()
 
     writer.close()

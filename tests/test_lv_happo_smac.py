@@ -1,6 +1,7 @@
 """Tests of lv_happo_smac.py: masks, the SMAX and StarCraft II adapters, then the script run as a user runs it."""
 
 import math
+import re
 import sys
 import types
 
@@ -249,7 +250,9 @@ def test_end_to_end_logs_the_contract(tmp_cwd):
     assert_logged_and_finite(scalars, ["charts/win_rate", "eval/episodic_return", "eval/win_rate"])
     assert all(0 <= value <= 1 for _, value in scalars["charts/win_rate"])
     assert [step for step, _ in scalars["eval/win_rate"]] == [320, 640]
-    assert "eval: episodic_return " in result.stdout and ", win rate " in result.stdout
+    assert re.search(
+        r"^eval: episodic_return -?[\d.]+ ± [\d.]+ \(mean ± std of 4 episodes\), win rate [\d.]+$", result.stdout, re.M
+    )
 
 
 @pytest.mark.parametrize(
