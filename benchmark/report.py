@@ -13,14 +13,15 @@ the machine that ran them, these files are committed), to --out:
 - `positions.csv` (setting, variant, seed, k, adv_variance, factor_max, factor_clip_fraction): the run's means of
   `lv/adv_variance_k`, `lv/factor_max_k` and `lv/factor_clip_fraction_k`.
 From those alone, per setting and variant, `final.csv`: the metric (the evaluation win rate where logged, else the
-evaluation return, else the training return of the last 10 % of steps), its mean at 1M, 2M, 5M and 10M steps over
-the runs that reached them, and over the complete runs the final value per seed, mean, std, interquartile mean with
-its 95 % bootstrap interval, LV-HAPPO minus this variant on the same seeds (per seed, mean and 95 % bootstrap
-interval), the run-mean Var[M A] and max M at the last position, the published anchor at 10M and, with --reference
-(benchmark/reference.py's returns at N), the score (R - random) / (greedy controller - random). Figures:
-`{setting}.png` (every seed thin, the mean over complete runs with its 95 % bootstrap band, the published curve),
-`variance.png` (Var[M A] against the position k, a panel per setting, partial runs too) and, with `--x n`,
-`final_vs_n.png` (the final IQM, or score, against the team size N read from the setting's name, `...-n{N}`).
+evaluation return, else the training return of the last 10 % of steps), its mean at 1M, 2M, 5M and 10M steps over the
+runs that reached them, and over the complete runs the final value per seed, mean, std, interquartile mean with its 95 %
+bootstrap interval, LV-HAPPO minus this variant on the same seeds (per seed, mean and 95 % bootstrap interval), the same
+for the tail (the metric's mean over the last 10 % of a run's steps: every evaluation there, less noisy than the last
+one alone), the run-mean Var[M A] and max M at the last position, the published anchor at 10M and, with --reference
+(benchmark/reference.py's returns at N), the score (R - random) / (greedy controller - random). Figures: `{setting}.png`
+(every seed thin, the mean over complete runs with its 95 % bootstrap band, the published curve), `variance.png`
+(Var[M A] against the position k, a panel per setting, partial runs too) and, with `--x n`, `final_vs_n.png` (the final
+IQM, or score, against the team size N read from the setting's name, `...-n{N}`).
 """
 
 import argparse
@@ -149,11 +150,16 @@ def points_of(curves: list, setting: str, variant: str, seed: int, tag: str) -> 
     )
 
 
+def tail_mean(points: list, last_step: float) -> float:
+    """The mean of a run's values logged over the last 10 % of its steps."""
+    return float(np.mean([v for s, v in points if s > 0.9 * last_step])) if points else float("nan")
+
+
 def final_value(points: list, last_step: float, metric: str) -> float:
     """A run's final value: its last evaluation, or its mean training return over the last 10 % of steps."""
     if metric.startswith("eval/"):
         return points[-1][1] if points else float("nan")
-    return float(np.mean([v for s, v in points if s > 0.9 * last_step])) if points else float("nan")
+    return tail_mean(points, last_step)
 
 
 def summarise(curves: list, runs: list, positions: list, reference: dict | None = None) -> list:
@@ -166,11 +172,9 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
         for run in (run for run in runs if run["setting"] == setting):
             key = (run["variant"], int(run["seed"]))
             group[key] = (run, points_of(curves, setting, *key, metric))
-        finals = {
-            key: final_value(points, run["last_step"], metric)
-            for key, (run, points) in group.items()
-            if run["complete"]
-        }
+        complete = {key: (run, points) for key, (run, points) in group.items() if run["complete"]}
+        finals = {key: final_value(points, run["last_step"], metric) for key, (run, points) in complete.items()}
+        tails = {key: tail_mean(points, run["last_step"]) for key, (run, points) in complete.items()}
         variants = sorted({variant for variant, _ in group}, key=lambda v: (v not in VARIANT_NAMES, v))
         for variant in variants:
             seeds = sorted(seed for v, seed in finals if v == variant)
@@ -199,6 +203,11 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
                 row["score"], row["score_low"], row["score_high"] = bootstrap(scores, iqm)
             row["lv_minus_this_per_seed"] = " ".join(f"{value:.4g}" for value in paired)
             row["lv_minus_this"], row["lv_minus_this_low"], row["lv_minus_this_high"] = bootstrap(paired, np.mean)
+            row["tail_per_seed"] = " ".join(f"{tails[(variant, seed)]:.4g}" for seed in seeds)
+            paired = [tails[("lv", s)] - tails[(variant, s)] for s in seeds if ("lv", s) in tails and variant != "lv"]
+            row["lv_minus_this_tail"], row["lv_minus_this_tail_low"], row["lv_minus_this_tail_high"] = bootstrap(
+                paired, np.mean
+            )
             mine_positions = [p for p in positions if (p["setting"], p["variant"]) == (setting, variant)]
             mine_positions = [p for p in mine_positions if (variant, int(p["seed"])) in finals]
             last = max((int(p["k"]) for p in mine_positions), default=None)
@@ -344,7 +353,8 @@ def main(argv: list | None = None) -> None:
             f"[{row['iqm_low']:.4g}, {row['iqm_high']:.4g}] ({row['per_seed']})"
             + (
                 f"; LV-HAPPO minus this {row['lv_minus_this']:.4g} [{row['lv_minus_this_low']:.4g}, "
-                f"{row['lv_minus_this_high']:.4g}]"
+                f"{row['lv_minus_this_high']:.4g}], over the last 10 % {row['lv_minus_this_tail']:.4g} "
+                f"[{row['lv_minus_this_tail_low']:.4g}, {row['lv_minus_this_tail_high']:.4g}]"
                 if row["lv_minus_this_per_seed"]
                 else ""
             )

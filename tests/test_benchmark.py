@@ -205,6 +205,8 @@ def test_reader_tables_paired_differences_and_kept_runs(tmp_path):
     # LV-HAPPO minus HAPPO on seeds 1 and 2: (-50 + s) - (-60 + 2 s) = 10 - s
     assert happo["lv_minus_this_per_seed"] == "9 8" and happo["lv_minus_this"] == pytest.approx(8.5)
     assert happo["lv_minus_this_low"] <= 8.5 <= happo["lv_minus_this_high"] and lv["lv_minus_this_per_seed"] == ""
+    # the tail, the evaluations over the last 10 % of steps: here the last one alone (the evaluations are 10 % apart)
+    assert (lv["tail_per_seed"], happo["lv_minus_this_tail"]) == ("-39 -38 -37", pytest.approx(8.5))
     assert happo["adv_variance_last"] == pytest.approx(4.0) and lv["factor_max_last"] == pytest.approx(3.0)
     for name in ("toy.png", "variance.png", "curves.csv", "positions.csv"):
         assert (out / name).stat().st_size > 0, name
@@ -218,6 +220,13 @@ def test_reader_tables_paired_differences_and_kept_runs(tmp_path):
     table = (out / "final.csv").read_text()
     report.main(["--out", str(out)])
     assert (out / "final.csv").read_text() == table
+
+
+def test_tail_is_the_mean_over_the_last_tenth_of_steps():
+    points = [(1000 * i, float(i)) for i in range(1, 21)]  # a value every 1,000 steps up to 20,000
+    assert report.tail_mean(points, 20_000) == pytest.approx(19.5)  # the values at 19,000 and 20,000
+    assert report.final_value(points, 20_000, "eval/episodic_return") == 20.0  # the last evaluation
+    assert report.final_value(points, 20_000, "charts/episodic_return") == pytest.approx(19.5)
 
 
 def test_reader_milestones_training_metric_and_team_sizes(tmp_path, capsys):
