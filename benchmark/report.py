@@ -18,10 +18,11 @@ runs that reached them, and over the complete runs the final value per seed, mea
 bootstrap interval, LV-HAPPO minus this variant on the same seeds (per seed, mean and 95 % bootstrap interval), the same
 for the tail (the metric's mean over the last 10 % of a run's steps: every evaluation there, less noisy than the last
 one alone), the run-mean Var[M A] and max M at the last position, the published anchor at 10M and, with --reference
-(benchmark/reference.py's returns at N), the score (R - random) / (greedy controller - random). Figures: `{setting}.png`
-(every seed thin, the mean over complete runs with its 95 % bootstrap band, the published curve), `variance.png`
-(Var[M A] against the position k, a panel per setting, partial runs too) and, with `--x n`, `final_vs_n.png` (the final
-IQM, or score, against the team size N read from the setting's name, `...-n{N}`).
+(benchmark/reference.py's returns at N), the score (R - random) / (greedy controller - random); `table.md`, the
+comparisons with LV-HAPPO as a Markdown table. Figures: `{setting}.png` (every seed thin, the mean over complete runs
+with its 95 % bootstrap band, the published curve), `variance.png` (Var[M A] against the position k, a panel per
+setting, partial runs too) and, with `--x n`, `final_vs_n.png` (the final IQM, or score, against the team size N read
+from the setting's name, `...-n{N}`).
 """
 
 import argparse
@@ -219,6 +220,37 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
     return rows
 
 
+def comparison_table(final: list) -> str:
+    """final.csv's comparisons as a Markdown table (`table.md`): per setting and variant, the final value's IQM of
+    both with its interval, LV-HAPPO minus the variant seed by seed (the last evaluation, and the tail) with its
+    interval, and Var[M A] at the last position."""
+
+    def number(x: float, sign: str = "") -> str:  # sign "+": differences
+        if not np.isfinite(x):
+            return "n/a"
+        return f"{x:{sign},.0f}" if abs(x) >= 100 else f"{x:{sign}.3g}"
+
+    def interval(row: dict, name: str, sign: str = "") -> str:
+        return f"{number(row[name], sign)} [{number(row[f'{name}_low'], sign)}, {number(row[f'{name}_high'], sign)}]"
+
+    lines = [
+        "| setting | variant | seeds | LV-HAPPO: IQM [95 % interval] | variant: IQM [interval] "
+        "| LV-HAPPO minus variant, per seed | their mean [interval] | the same, over the last 10 % of steps "
+        "| Var[M A] last: LV-HAPPO / variant |",
+        "| --- " * 9 + "|",
+    ]
+    lv = {row["setting"]: row for row in final if row["variant"] == "lv"}
+    for row in (row for row in final if row["lv_minus_this_per_seed"] and row["setting"] in lv):
+        mine, differences = lv[row["setting"]], row["lv_minus_this_per_seed"].split()
+        seeds = row["seeds"] if mine["seeds"] == row["seeds"] else f"{mine['seeds']} / {row['seeds']}"
+        variance = f"{number(mine['adv_variance_last'])} / {number(row['adv_variance_last'])}"
+        cells = [row["setting"], VARIANT_NAMES.get(row["variant"], row["variant"]), seeds, interval(mine, "iqm")]
+        cells += [interval(row, "iqm"), ", ".join(number(float(x), "+") for x in differences)]
+        cells += [interval(row, "lv_minus_this", "+"), interval(row, "lv_minus_this_tail", "+")]
+        lines.append("| " + " | ".join(map(str, cells + [variance])) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def pyplot():
     import matplotlib
 
@@ -341,6 +373,7 @@ def main(argv: list | None = None) -> None:
     reference = {(m[2], int(m[1])): float(m[3]) for m in found if m} if args.reference else None
     final = summarise(curves, runs, positions, reference)
     write_csv(final, out / "final.csv")
+    (out / "table.md").write_text(comparison_table(final))
     for setting in sorted({run["setting"] for run in runs}):
         plot_setting(setting, curves, runs, out / f"{setting}.png")
     if positions:
