@@ -163,6 +163,12 @@ def final_value(points: list, last_step: float, metric: str) -> float:
     return tail_mean(points, last_step)
 
 
+def lv_minus(by_run: dict, variant: str, seeds: list) -> list:
+    """LV-HAPPO's value minus the variant's, seed by seed, on the seeds both have ((variant, seed) -> value; none for
+    LV-HAPPO itself)."""
+    return [by_run[("lv", s)] - by_run[(variant, s)] for s in seeds if ("lv", s) in by_run and variant != "lv"]
+
+
 def summarise(curves: list, runs: list, positions: list, reference: dict | None = None) -> list:
     """The rows of final.csv, one per setting and variant; with the reference returns of random actions and the
     greedy controller at the setting's N, also the score (R - random) / (controller - random), comparable across N."""
@@ -180,8 +186,7 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
         for variant in variants:
             seeds = sorted(seed for v, seed in finals if v == variant)
             values = [finals[(variant, seed)] for seed in seeds]
-            paired = [finals[("lv", s)] - finals[(variant, s)] for s in seeds if ("lv", s) in finals]
-            paired = paired if variant != "lv" else []
+            paired = lv_minus(finals, variant, seeds)
             mine = [(run, points) for (v, _), (run, points) in group.items() if v == variant]
             partial = [
                 f"seed {int(run['seed'])} at {int(run['last_step']):,}" for run, _ in mine if not run["complete"]
@@ -205,9 +210,8 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
             row["lv_minus_this_per_seed"] = " ".join(f"{value:.4g}" for value in paired)
             row["lv_minus_this"], row["lv_minus_this_low"], row["lv_minus_this_high"] = bootstrap(paired, np.mean)
             row["tail_per_seed"] = " ".join(f"{tails[(variant, seed)]:.4g}" for seed in seeds)
-            paired = [tails[("lv", s)] - tails[(variant, s)] for s in seeds if ("lv", s) in tails and variant != "lv"]
             row["lv_minus_this_tail"], row["lv_minus_this_tail_low"], row["lv_minus_this_tail_high"] = bootstrap(
-                paired, np.mean
+                lv_minus(tails, variant, seeds), np.mean
             )
             mine_positions = [p for p in positions if (p["setting"], p["variant"]) == (setting, variant)]
             mine_positions = [p for p in mine_positions if (variant, int(p["seed"])) in finals]
