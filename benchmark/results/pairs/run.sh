@@ -11,4 +11,5 @@ for seed in 1 2 3 4 5; do
   run paper-mamujoco-ant-8x1 "$seed" 5000000
   if [ "$seed" -ge 2 ] && [ "$seed" -le 3 ]; then run paper-mamujoco-humanoid-17x1 "$seed" 2000000; fi
 done
+run paper-mamujoco-walker2d-6x1 1 5000000  # HAPPO's settings for both variants
 python benchmark/report.py --grid "$G" --out benchmark/results/pairs
