@@ -17,12 +17,12 @@ evaluation return, else the training return of the last 10 % of steps), its mean
 runs that reached them, and over the complete runs the final value per seed, mean, std, interquartile mean with its 95 %
 bootstrap interval, LV-HAPPO minus this variant on the same seeds (per seed, mean and 95 % bootstrap interval), the same
 for the tail (the metric's mean over the last 10 % of a run's steps: every evaluation there, less noisy than the last
-one alone), the run-mean Var[M A] and max M at the last position, the published anchor at 10M and, with --reference
-(benchmark/reference.py's returns at N), the score (R - random) / (greedy controller - random); `table.md`, the
-comparisons with LV-HAPPO as a Markdown table. Figures: `{setting}.png` (every seed thin, the mean over complete runs
-with its 95 % bootstrap band, the published curve), `variance.png` (Var[M A] against the position k, a panel per
-setting, partial runs too) and, with `--x n`, `final_vs_n.png` (the final IQM, or score, against the team size N read
-from the setting's name, `...-n{N}`).
+one alone) and for the area (its mean over the whole run: the area under the curve, how fast it learned), the run-mean
+Var[M A] and max M at the last position, the published anchor at 10M and, with --reference (benchmark/reference.py's
+returns at N), the score (R - random) / (greedy controller - random); `table.md`, the comparisons with LV-HAPPO as a
+Markdown table. Figures: `{setting}.png` (every seed thin, the mean over complete runs with its 95 % bootstrap band, the
+published curve), `variance.png` (Var[M A] against the position k, a panel per setting, partial runs too) and, with
+`--x n`, `final_vs_n.png` (the final IQM, or score, against the team size N read from the setting's name, `...-n{N}`).
 """
 
 import argparse
@@ -182,6 +182,7 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
         complete = {key: (run, points) for key, (run, points) in group.items() if run["complete"]}
         finals = {key: final_value(points, run["last_step"], metric) for key, (run, points) in complete.items()}
         tails = {key: tail_mean(points, run["last_step"]) for key, (run, points) in complete.items()}
+        areas = {key: float(np.mean([v for _, v in points])) for key, (_, points) in complete.items() if points}
         variants = sorted({variant for variant, _ in group}, key=lambda v: (v not in VARIANT_NAMES, v))
         for variant in variants:
             seeds = sorted(seed for v, seed in finals if v == variant)
@@ -213,6 +214,9 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
             row["lv_minus_this_tail"], row["lv_minus_this_tail_low"], row["lv_minus_this_tail_high"] = bootstrap(
                 lv_minus(tails, variant, seeds), np.mean
             )
+            row["lv_minus_this_area"], row["lv_minus_this_area_low"], row["lv_minus_this_area_high"] = bootstrap(
+                lv_minus(areas, variant, seeds), np.mean
+            )
             mine_positions = [p for p in positions if (p["setting"], p["variant"]) == (setting, variant)]
             mine_positions = [p for p in mine_positions if (variant, int(p["seed"])) in finals]
             last = max((int(p["k"]) for p in mine_positions), default=None)
@@ -226,8 +230,8 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
 
 def comparison_table(final: list) -> str:
     """final.csv's comparisons as a Markdown table (`table.md`): per setting and variant, the final value's IQM of
-    both with its interval, LV-HAPPO minus the variant seed by seed (the last evaluation, and the tail) with its
-    interval, and Var[M A] at the last position."""
+    both with its interval, LV-HAPPO minus the variant seed by seed (the last evaluation, the tail, and the mean over
+    the whole run) with its interval, and Var[M A] at the last position."""
 
     def number(x: float, sign: str = "") -> str:  # sign "+": differences
         if not np.isfinite(x):
@@ -240,8 +244,8 @@ def comparison_table(final: list) -> str:
     lines = [
         "| setting | variant | seeds | LV-HAPPO: IQM [95 % interval] | variant: IQM [interval] "
         "| LV-HAPPO minus variant, per seed | their mean [interval] | the same, over the last 10 % of steps "
-        "| Var[M A] last: LV-HAPPO / variant |",
-        "| --- " * 9 + "|",
+        "| the same, over the whole run (area under the curve) | Var[M A] last: LV-HAPPO / variant |",
+        "| --- " * 10 + "|",
     ]
     lv = {row["setting"]: row for row in final if row["variant"] == "lv"}
     for row in (row for row in final if row["lv_minus_this_per_seed"] and row["setting"] in lv):
@@ -251,6 +255,7 @@ def comparison_table(final: list) -> str:
         cells = [row["setting"], VARIANT_NAMES.get(row["variant"], row["variant"]), seeds, interval(mine, "iqm")]
         cells += [interval(row, "iqm"), ", ".join(number(float(x), "+") for x in differences)]
         cells += [interval(row, "lv_minus_this", "+"), interval(row, "lv_minus_this_tail", "+")]
+        cells += [interval(row, "lv_minus_this_area", "+")]
         lines.append("| " + " | ".join(map(str, cells + [variance])) + " |")
     return "\n".join(lines) + "\n"
 

@@ -207,9 +207,11 @@ def test_reader_tables_paired_differences_and_kept_runs(tmp_path):
     assert happo["lv_minus_this_low"] <= 8.5 <= happo["lv_minus_this_high"] and lv["lv_minus_this_per_seed"] == ""
     # the tail, the evaluations over the last 10 % of steps: here the last one alone (the evaluations are 10 % apart)
     assert (lv["tail_per_seed"], happo["lv_minus_this_tail"]) == ("-39 -38 -37", pytest.approx(8.5))
+    # the area, the mean over every evaluation of the run: (-50 + s + 5.5) - (-60 + 2 s + 5.5) = 10 - s again
+    assert happo["lv_minus_this_area"] == pytest.approx(8.5) and happo["lv_minus_this_area_low"] == pytest.approx(8)
     assert happo["adv_variance_last"] == pytest.approx(4.0) and lv["factor_max_last"] == pytest.approx(3.0)
     row = "| toy | HAPPO | 1 2 3 / 1 2 | -38 [-39, -37] | -47 [-48, -46] | +9, +8 | +8.5 [+8, +9] | +8.5 [+8, +9] "
-    row += "| 1 / 4 |"
+    row += "| +8.5 [+8, +9] | 1 / 4 |"
     assert row in (out / "table.md").read_text()  # LV-HAPPO's IQM over seeds 1-3, HAPPO's over 1-2
     for name in ("toy.png", "variance.png", "curves.csv", "positions.csv"):
         assert (out / name).stat().st_size > 0, name
