@@ -211,12 +211,9 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
             row["lv_minus_this_per_seed"] = " ".join(f"{value:.4g}" for value in paired)
             row["lv_minus_this"], row["lv_minus_this_low"], row["lv_minus_this_high"] = bootstrap(paired, np.mean)
             row["tail_per_seed"] = " ".join(f"{tails[(variant, seed)]:.4g}" for seed in seeds)
-            row["lv_minus_this_tail"], row["lv_minus_this_tail_low"], row["lv_minus_this_tail_high"] = bootstrap(
-                lv_minus(tails, variant, seeds), np.mean
-            )
-            row["lv_minus_this_area"], row["lv_minus_this_area_low"], row["lv_minus_this_area_high"] = bootstrap(
-                lv_minus(areas, variant, seeds), np.mean
-            )
+            for name, by_run in (("lv_minus_this_tail", tails), ("lv_minus_this_area", areas)):
+                differences = lv_minus(by_run, variant, seeds)
+                row[name], row[f"{name}_low"], row[f"{name}_high"] = bootstrap(differences, np.mean)
             mine_positions = [p for p in positions if (p["setting"], p["variant"]) == (setting, variant)]
             mine_positions = [p for p in mine_positions if (variant, int(p["seed"])) in finals]
             last = max((int(p["k"]) for p in mine_positions), default=None)
