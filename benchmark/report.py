@@ -182,7 +182,10 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
         complete = {key: (run, points) for key, (run, points) in group.items() if run["complete"]}
         finals = {key: final_value(points, run["last_step"], metric) for key, (run, points) in complete.items()}
         tails = {key: tail_mean(points, run["last_step"]) for key, (run, points) in complete.items()}
-        areas = {key: float(np.mean([v for _, v in points])) for key, (_, points) in complete.items() if points}
+        areas = {
+            key: float(np.mean([v for _, v in points])) if points else float("nan")
+            for key, (_, points) in complete.items()
+        }
         variants = sorted({variant for variant, _ in group}, key=lambda v: (v not in VARIANT_NAMES, v))
         for variant in variants:
             seeds = sorted(seed for v, seed in finals if v == variant)

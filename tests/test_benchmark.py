@@ -272,3 +272,10 @@ def test_reader_refuses_an_empty_folder(tmp_path):
     )
     assert result.returncode == 2 and "no runs under None and no runs.csv" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_finished_run_without_evaluations_gives_nan_differences():
+    curves = [{"setting": "t", "variant": "lv", "seed": 1, "tag": "eval/episodic_return", "step": 1000, "value": 1.0}]
+    runs = [{"setting": "t", "variant": v, "seed": 1, "complete": 1, "last_step": 1000} for v in ("lv", "happo")]
+    happo = next(row for row in report.summarise(curves, runs, []) if row["variant"] == "happo")
+    assert np.isnan(happo["lv_minus_this_tail"]) and np.isnan(happo["lv_minus_this_area"])
