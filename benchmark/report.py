@@ -14,19 +14,24 @@ the machine that ran them, these files are committed), to --out:
   `lv/adv_variance_k`, `lv/factor_max_k` and `lv/factor_clip_fraction_k`.
 From those alone, per setting and variant, `final.csv`: the metric (the evaluation win rate where logged, else the
 evaluation return, else the training return of the last 10 % of steps), its mean at 1M, 2M, 5M and 10M steps over the
-runs that reached them, and over the complete runs the final value per seed, mean, std, interquartile mean with its 95 %
-bootstrap interval, LV-HAPPO minus this variant on the same seeds (per seed, mean and 95 % bootstrap interval), the same
-for the tail (the metric's mean over the last 10 % of a run's steps: every evaluation there, less noisy than the last
-one alone) and for the area (its mean over the whole run: the area under the curve, how fast it learned), the run-mean
-Var[M A] and max M at the last position, the published anchor at 10M and, with --reference (benchmark/reference.py's
-returns at N), the score (R - random) / (greedy controller - random); `table.md`, the comparisons with LV-HAPPO as a
-Markdown table. Figures: `{setting}.png` (every seed thin, the mean over complete runs with its 95 % bootstrap band, the
-published curve), `variance.png` (Var[M A] against the position k, a panel per setting, partial runs too) and, with
-`--x n`, `final_vs_n.png` (the final IQM, or score, against the team size N read from the setting's name, `...-n{N}`).
+runs that reached them, and over the complete runs the final value per seed, mean, std, the centre (`center_is`: the
+interquartile mean from 4 seeds, the mean below) with its 95 % percentile-bootstrap interval; LV-HAPPO minus this
+variant on the same seeds, for the final value, for the tail (the mean of the values logged after 90 % of a run's
+steps: with an evaluation every 50k steps, the 10 of a 5M run, 4.55M to 5M) and for the area (the mean of every
+value: the area under the curve, how fast it learned): per seed, the mean with its bootstrap interval (a
+description: over 3 to 5 seeds it under-covers, at 3 it is [min, max]), how many seeds favour each method and the
+exact two-sided sign-flip permutation p-value; Var[M A] and max M at the last position, the median over seeds and
+their range (heavy-tailed: one seed can hold most of a mean); the published anchor at 10M and, with --reference
+(benchmark/reference.py's returns at N), the score (R - random) / (greedy controller - random); `table.md`, the
+comparisons with LV-HAPPO as a Markdown table. Figures: `{setting}.png` (every seed thin, the mean over complete runs
+with its 95 % bootstrap band, the published curve), `variance.png` (Var[M A] against the position k on a log scale,
+the median over runs and their range, a panel per setting, partial runs too) and, with `--x n`, `final_vs_n.png`
+(the final centre, or score, against the team size N read from the setting's name, `...-n{N}`).
 """
 
 import argparse
 import csv
+import itertools
 import re
 from pathlib import Path
 
@@ -120,9 +125,36 @@ def bootstrap(values: list, statistic, resamples: int = 2000, seed: int = 0) -> 
 
 
 def iqm(values: np.ndarray) -> float:
-    """Interquartile mean: the mean of the middle half (all values below 4)."""
+    """Interquartile mean: the mean of the middle half (all values below 4: then it is the mean)."""
     values, cut = np.sort(values), len(values) // 4
     return float(values[cut : len(values) - cut].mean())
+
+
+def sign_flip_p(differences: list) -> float:
+    """The exact two-sided p-value of the paired sign-flip permutation test: the share of the 2^n assignments of
+    signs to the per-seed differences whose |sum| reaches the observed |sum| (with 5 pairs at least 2/32 = 0.0625)."""
+    differences = np.asarray(differences, float)
+    if len(differences) == 0:
+        return float("nan")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(differences))))  # (2^n, n)
+    observed, tolerance = abs(differences.sum()), 1e-9 * (1 + np.abs(differences).sum())
+    return float(np.mean(np.abs(signs @ differences) >= observed - tolerance))
+
+
+def paired(differences: list) -> dict:
+    """LV-HAPPO minus a variant, seed by seed: the differences, their mean with its 95 % percentile-bootstrap interval
+    (a description, not a test: over 3 to 5 seeds it under-covers, at 3 it is [min, max]), how many seeds favour
+    each method, and the exact sign-flip p-value."""
+    mean, low, high = bootstrap(differences, np.mean)
+    return {
+        "_per_seed": " ".join(f"{value:.4g}" for value in differences),
+        "": mean,
+        "_low": low,
+        "_high": high,
+        "_lv_ahead": sum(value > 0 for value in differences),
+        "_this_ahead": sum(value < 0 for value in differences),
+        "_p": sign_flip_p(differences),
+    }
 
 
 def value_at(points: list, step: float) -> float:
@@ -152,7 +184,7 @@ def points_of(curves: list, setting: str, variant: str, seed: int, tag: str) -> 
 
 
 def tail_mean(points: list, last_step: float) -> float:
-    """The mean of a run's values logged over the last 10 % of its steps."""
+    """The mean of a run's values logged after 90 % of its steps."""
     return float(np.mean([v for s, v in points if s > 0.9 * last_step])) if points else float("nan")
 
 
@@ -190,7 +222,6 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
         for variant in variants:
             seeds = sorted(seed for v, seed in finals if v == variant)
             values = [finals[(variant, seed)] for seed in seeds]
-            paired = lv_minus(finals, variant, seeds)
             mine = [(run, points) for (v, _), (run, points) in group.items() if v == variant]
             partial = [
                 f"seed {int(run['seed'])} at {int(run['last_step']):,}" for run, _ in mine if not run["complete"]
@@ -205,33 +236,36 @@ def summarise(curves: list, runs: list, positions: list, reference: dict | None 
             row["per_seed"] = " ".join(f"{value:.4g}" for value in values)
             row["mean"] = float(np.mean(values)) if values else float("nan")
             row["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-            row["iqm"], row["iqm_low"], row["iqm_high"] = bootstrap(values, iqm)
+            row["center_is"] = "IQM" if len(values) >= 4 else "mean"  # the IQM of 3 values is their mean
+            row["center"], row["center_low"], row["center_high"] = bootstrap(values, iqm)
             if reference is not None:
                 n = team_size(setting)
                 low, high = reference.get(("random", n), float("nan")), reference.get(("controller", n), float("nan"))
                 scores = [(value - low) / (high - low) for value in values]
                 row["score"], row["score_low"], row["score_high"] = bootstrap(scores, iqm)
-            row["lv_minus_this_per_seed"] = " ".join(f"{value:.4g}" for value in paired)
-            row["lv_minus_this"], row["lv_minus_this_low"], row["lv_minus_this_high"] = bootstrap(paired, np.mean)
             row["tail_per_seed"] = " ".join(f"{tails[(variant, seed)]:.4g}" for seed in seeds)
-            for name, by_run in (("lv_minus_this_tail", tails), ("lv_minus_this_area", areas)):
-                differences = lv_minus(by_run, variant, seeds)
-                row[name], row[f"{name}_low"], row[f"{name}_high"] = bootstrap(differences, np.mean)
+            comparisons = {"lv_minus_this": finals, "lv_minus_this_tail": tails, "lv_minus_this_area": areas}
+            for name, by_run in comparisons.items():
+                row |= {name + suffix: value for suffix, value in paired(lv_minus(by_run, variant, seeds)).items()}
             mine_positions = [p for p in positions if (p["setting"], p["variant"]) == (setting, variant)]
             mine_positions = [p for p in mine_positions if (variant, int(p["seed"])) in finals]
             last = max((int(p["k"]) for p in mine_positions), default=None)
-            for name in ("adv_variance", "factor_max"):
+            for name in ("adv_variance", "factor_max"):  # heavy-tailed over seeds: the median and the range
                 at_last = [p[name] for p in mine_positions if p["k"] == last]
-                row[f"{name}_last"] = float(np.mean(at_last)) if at_last else float("nan")
+                row[f"{name}_last"] = float(np.median(at_last)) if at_last else float("nan")
+                row[f"{name}_last_min"] = float(min(at_last, default=float("nan")))
+                row[f"{name}_last_max"] = float(max(at_last, default=float("nan")))
             row["anchor_10M"] = ANCHORS.get(setting, ("", {}))[1].get(10e6, float("nan"))
             rows.append(row)
     return rows
 
 
 def comparison_table(final: list) -> str:
-    """final.csv's comparisons as a Markdown table (`table.md`): per setting and variant, the final value's IQM of
-    both with its interval, LV-HAPPO minus the variant seed by seed (the last evaluation, the tail, and the mean over
-    the whole run) with its interval, and Var[M A] at the last position."""
+    """final.csv's comparisons as a Markdown table (`table.md`): per setting and variant, both final values' centre
+    (IQM from 4 seeds, the mean below) with its bootstrap interval; LV-HAPPO minus the variant seed by seed at the
+    last evaluation, over the evaluations after 90 % of the steps (the tail) and over the whole run (the area under
+    the curve), each with its mean [bootstrap interval], the seeds favouring LV-HAPPO / the variant and the exact
+    sign-flip p; Var[M A] at the last position, the median over seeds [their range]."""
 
     def number(x: float, sign: str = "") -> str:  # sign "+": differences
         if not np.isfinite(x):
@@ -241,22 +275,31 @@ def comparison_table(final: list) -> str:
     def interval(row: dict, name: str, sign: str = "") -> str:
         return f"{number(row[name], sign)} [{number(row[f'{name}_low'], sign)}, {number(row[f'{name}_high'], sign)}]"
 
+    def comparison(row: dict, name: str) -> str:
+        ahead = f"{row[f'{name}_lv_ahead']} / {row[f'{name}_this_ahead']}"
+        return f"{interval(row, name, '+')}; {ahead}; p = {row[f'{name}_p']:.3g}"
+
+    def variance(row: dict) -> str:
+        spread = f"{number(row['adv_variance_last_min'])}-{number(row['adv_variance_last_max'])}"
+        return f"{number(row['adv_variance_last'])} [{spread}]"
+
     lines = [
-        "| setting | variant | seeds | LV-HAPPO: IQM [95 % interval] | variant: IQM [interval] "
-        "| LV-HAPPO minus variant, per seed | their mean [interval] | the same, over the last 10 % of steps "
-        "| the same, over the whole run (area under the curve) | Var[M A] last: LV-HAPPO / variant |",
+        "| setting | variant | seeds | LV-HAPPO: centre [bootstrap] | variant: centre [bootstrap] "
+        "| LV-HAPPO minus variant at the end, per seed | at the end: mean [bootstrap]; seeds LV-HAPPO / variant "
+        "ahead; exact p | the same over the tail | the same over the whole run "
+        "| Var[M A] last, median [range]: LV-HAPPO / variant |",
         "| --- " * 10 + "|",
     ]
     lv = {row["setting"]: row for row in final if row["variant"] == "lv"}
     for row in (row for row in final if row["lv_minus_this_per_seed"] and row["setting"] in lv):
         mine, differences = lv[row["setting"]], row["lv_minus_this_per_seed"].split()
         seeds = row["seeds"] if mine["seeds"] == row["seeds"] else f"{mine['seeds']} / {row['seeds']}"
-        variance = f"{number(mine['adv_variance_last'])} / {number(row['adv_variance_last'])}"
-        cells = [row["setting"], VARIANT_NAMES.get(row["variant"], row["variant"]), seeds, interval(mine, "iqm")]
-        cells += [interval(row, "iqm"), ", ".join(number(float(x), "+") for x in differences)]
-        cells += [interval(row, "lv_minus_this", "+"), interval(row, "lv_minus_this_tail", "+")]
-        cells += [interval(row, "lv_minus_this_area", "+")]
-        lines.append("| " + " | ".join(map(str, cells + [variance])) + " |")
+        cells = [row["setting"], VARIANT_NAMES.get(row["variant"], row["variant"]), seeds]
+        cells += [f"{r['center_is']} {interval(r, 'center')}" for r in (mine, row)]
+        cells += [", ".join(number(float(x), "+") for x in differences)]
+        cells += [comparison(row, name) for name in ("lv_minus_this", "lv_minus_this_tail", "lv_minus_this_area")]
+        cells += [f"{variance(mine)} / {variance(row)}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +346,8 @@ def plot_setting(setting: str, curves: list, runs: list, path: Path) -> None:
 
 
 def plot_variance(positions: list, path: Path) -> None:
-    """Var[M_used A] against the position k, mean over the runs (a partial one's so far), a panel per setting."""
+    """Var[M_used A] against the position k: the median over the runs (a partial one's so far) and their range, on
+    a log scale, a panel per setting."""
     plt = pyplot()
     settings = sorted({p["setting"] for p in positions})
     fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.5), squeeze=False)
@@ -311,11 +355,13 @@ def plot_variance(positions: list, path: Path) -> None:
         for variant, colour in COLOURS.items():
             mine = [p for p in positions if (p["setting"], p["variant"]) == (setting, variant)]
             ks = sorted({int(p["k"]) for p in mine})
-            means = [np.mean([p["adv_variance"] for p in mine if p["k"] == k]) for k in ks]
+            at_k = [[p["adv_variance"] for p in mine if p["k"] == k] for k in ks]
             if ks:
-                ax.plot(ks, means, marker="o", color=colour, label=VARIANT_NAMES[variant])
+                label = f"{VARIANT_NAMES[variant]} (median, range of {max(map(len, at_k))} runs)"
+                ax.plot(ks, [np.median(values) for values in at_k], marker="o", color=colour, label=label)
+                ax.fill_between(ks, [min(v) for v in at_k], [max(v) for v in at_k], color=colour, alpha=0.2)
         ax.set(title=setting, yscale="log", xlabel="position k in the update order")
-    axes[0][0].set_ylabel("Var[M_used A] (mean over the run)")
+    axes[0][0].set_ylabel("Var[M_used A] (each run's mean over its updates)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -323,8 +369,9 @@ def plot_variance(positions: list, path: Path) -> None:
 
 
 def plot_against_n(final: list, reference: dict, path: Path) -> None:
-    """The final IQM and its interval against the team size N (settings named `...-n{N}`), reference lines."""
-    plt, name = pyplot(), "score" if "score" in final[0] else "iqm"
+    """The final IQM (the mean below 4 seeds) and its interval against the team size N (settings named `...-n{N}`),
+    reference lines."""
+    plt, name = pyplot(), "score" if "score" in final[0] else "center"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, variant in enumerate(sorted({row["variant"] for row in final})):
         rows = sorted(
@@ -345,7 +392,7 @@ def plot_against_n(final: list, reference: dict, path: Path) -> None:
             ]
         ax.plot(*zip(*points, strict=True), style, linewidth=0.8, label=f"{policy} (benchmark/reference.py)")
     ylabel = "score: 0 random, 1 controller" if name == "score" else "final value"
-    ax.set(xlabel="number of agents N", ylabel=f"{ylabel} (IQM, 95 % CI)")
+    ax.set(xlabel="number of agents N", ylabel=f"{ylabel} (IQM, or the mean below 4 seeds; bootstrap)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -391,16 +438,17 @@ def main(argv: list | None = None) -> None:
         plot_against_n(final, reference or {}, out / "final_vs_n.png")
     for row in final:
         print(
-            f"{row['setting']} {row['variant']}: {row['runs']} runs, {row['metric']} IQM {row['iqm']:.4g} "
-            f"[{row['iqm_low']:.4g}, {row['iqm_high']:.4g}] ({row['per_seed']})"
+            f"{row['setting']} {row['variant']}: {row['runs']} runs, {row['metric']} {row['center_is']} "
+            f"{row['center']:.4g} [{row['center_low']:.4g}, {row['center_high']:.4g}] ({row['per_seed']})"
             + (
-                f"; LV-HAPPO minus this {row['lv_minus_this']:.4g} [{row['lv_minus_this_low']:.4g}, "
-                f"{row['lv_minus_this_high']:.4g}], over the last 10 % {row['lv_minus_this_tail']:.4g} "
-                f"[{row['lv_minus_this_tail_low']:.4g}, {row['lv_minus_this_tail_high']:.4g}]"
+                f"; LV-HAPPO minus this {row['lv_minus_this']:.4g} ({row['lv_minus_this_per_seed']}; "
+                f"{row['lv_minus_this_lv_ahead']} / {row['lv_minus_this_this_ahead']} seeds, p = "
+                f"{row['lv_minus_this_p']:.3g}), over the tail {row['lv_minus_this_tail']:.4g} "
+                f"(p = {row['lv_minus_this_tail_p']:.3g})"
                 if row["lv_minus_this_per_seed"]
                 else ""
             )
-            + f"; Var[M A] at the last position {row['adv_variance_last']:.3g}"
+            + f"; Var[M A] at the last position, median {row['adv_variance_last']:.3g}"
             + (f"; partial: {row['partial']}" if row["partial"] else "")
         )
 

@@ -200,19 +200,22 @@ def test_reader_tables_paired_differences_and_kept_runs(tmp_path):
     lv, happo = final["lv"], final["happo"]
     # the last evaluation, -50 + seed + 10, for LV-HAPPO; HAPPO's unfinished seed 3 is left out of the numbers
     assert (lv["metric"], lv["runs"], lv["per_seed"], lv["budget"]) == ("eval/episodic_return", 3, "-39 -38 -37", 10000)
-    assert lv["mean"] == pytest.approx(-38.0) and lv["iqm_low"] <= lv["iqm"] <= lv["iqm_high"]
+    assert lv["mean"] == pytest.approx(-38.0) and lv["center_low"] <= lv["center"] <= lv["center_high"]
+    assert lv["center_is"] == "mean" and lv["center"] == pytest.approx(-38.0)  # below 4 seeds, the IQM is the mean
     assert (happo["runs"], happo["seeds"], happo["partial"]) == (2, "1 2", "seed 3 at 4,000")
     # LV-HAPPO minus HAPPO on seeds 1 and 2: (-50 + s) - (-60 + 2 s) = 10 - s
     assert happo["lv_minus_this_per_seed"] == "9 8" and happo["lv_minus_this"] == pytest.approx(8.5)
     assert happo["lv_minus_this_low"] <= 8.5 <= happo["lv_minus_this_high"] and lv["lv_minus_this_per_seed"] == ""
+    # both seeds favour LV-HAPPO; of the 4 sign assignments of (9, 8), 2 reach |sum| 17: p = 0.5
+    assert (happo["lv_minus_this_lv_ahead"], happo["lv_minus_this_this_ahead"], happo["lv_minus_this_p"]) == (2, 0, 0.5)
     # the tail, the evaluations over the last 10 % of steps: here the last one alone (the evaluations are 10 % apart)
     assert (lv["tail_per_seed"], happo["lv_minus_this_tail"]) == ("-39 -38 -37", pytest.approx(8.5))
     # the area, the mean over every evaluation of the run: (-50 + s + 5.5) - (-60 + 2 s + 5.5) = 10 - s again
     assert happo["lv_minus_this_area"] == pytest.approx(8.5) and happo["lv_minus_this_area_low"] == pytest.approx(8)
     assert happo["adv_variance_last"] == pytest.approx(4.0) and lv["factor_max_last"] == pytest.approx(3.0)
-    row = "| toy | HAPPO | 1 2 3 / 1 2 | -38 [-39, -37] | -47 [-48, -46] | +9, +8 | +8.5 [+8, +9] | +8.5 [+8, +9] "
-    row += "| +8.5 [+8, +9] | 1 / 4 |"
-    assert row in (out / "table.md").read_text()  # LV-HAPPO's IQM over seeds 1-3, HAPPO's over 1-2
+    row = "| toy | HAPPO | 1 2 3 / 1 2 | mean -38 [-39, -37] | mean -47 [-48, -46] | +9, +8 "
+    row += "| +8.5 [+8, +9]; 2 / 0; p = 0.5 " * 3 + "| 1 [1-1] / 4 [4-4] |"
+    assert row in (out / "table.md").read_text()  # LV-HAPPO's mean over seeds 1-3, HAPPO's over 1-2
     for name in ("toy.png", "variance.png", "curves.csv", "positions.csv"):
         assert (out / name).stat().st_size > 0, name
 
@@ -225,6 +228,29 @@ def test_reader_tables_paired_differences_and_kept_runs(tmp_path):
     table = (out / "final.csv").read_text()
     report.main(["--out", str(out)])
     assert (out / "final.csv").read_text() == table
+
+
+def test_sign_flip_p_by_hand():
+    # (1, 2, 3): of the 8 sums +-1 +-2 +-3 (6, 0, 2, -4, 4, -2, 0, -6), 2 reach |6|
+    assert report.sign_flip_p([1, 2, 3]) == 0.25
+    # (3, -1, 1), sum 3: the |sums| are 3, 1, 5, 3, 3, 5, 1, 3: 6 of 8 reach 3
+    assert report.sign_flip_p([3, -1, 1]) == 0.75
+    assert report.sign_flip_p([5, 1, 2, 4, 3]) == 2 / 32  # five of five one way: the smallest p that 5 pairs give
+    assert report.sign_flip_p([0.1, 0.2, 0.3]) == 0.25  # ties with the observed sum count despite rounding
+    assert np.isnan(report.sign_flip_p([]))
+    assert report.paired([4.0, -1.0, 2.0])["_lv_ahead"] == 2 and report.paired([4.0, -1.0, 0.0])["_this_ahead"] == 1
+
+
+def test_variance_is_summarised_by_the_median_and_range():
+    # one seed's Var[M A] 300 would make the mean 101: the median 2 and the range 1 to 300 say what the seeds show
+    runs = [{"setting": "t", "variant": "happo", "seed": s, "complete": 1, "last_step": 10} for s in (1, 2, 3)]
+    point = {"setting": "t", "variant": "happo", "tag": "eval/episodic_return", "step": 10, "value": 1.0}
+    curves = [point | {"seed": s} for s in (1, 2, 3)]
+    positions = [{"setting": "t", "variant": "happo", "seed": s, "k": 1} for s in (1, 2, 3)]
+    positions = [p | {"adv_variance": v, "factor_max": v} for p, v in zip(positions, (1.0, 300.0, 2.0), strict=True)]
+    (row,) = report.summarise(curves, runs, positions)
+    assert (row["adv_variance_last"], row["adv_variance_last_min"], row["adv_variance_last_max"]) == (2.0, 1.0, 300.0)
+    assert row["factor_max_last"] == 2.0
 
 
 def test_tail_is_the_mean_over_the_last_tenth_of_steps():
