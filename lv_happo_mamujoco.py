@@ -1,5 +1,6 @@
 # lv_happo_mamujoco.py: LV-HAPPO on Multi-Agent MuJoCo (gymnasium-robotics). Docs: docs/lv_happo_mamujoco.md
 import contextlib
+import copy
 import importlib.util
 import io
 import math
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 import tyro
 from torch import Tensor
 from torch.distributions import Independent, Normal
+from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.tensorboard import SummaryWriter
 
 with contextlib.redirect_stderr(io.StringIO()):  # gymnasium-robotics prints a notice about Adroit tasks at import
@@ -76,6 +78,8 @@ class Args:
     """each agent observes its own joints and those within this many hops of them (gymnasium-robotics' agent_obsk)"""
     global_obs: bool = False
     """if toggled, every agent observes the full state plus a one-hot agent id (HARL's setting, for its numbers)"""
+    standardize_obs: bool = False
+    """with --global-obs: each agent's vector and the critic's state standardized by their own mean and std (paper)"""
     max_episode_steps: int = 1000
     """episodes are truncated after this many steps (the robot falling terminates them earlier)"""
     total_timesteps: int = 1_000_000
@@ -172,6 +176,7 @@ def check_args(args: Args) -> Optional[str]:
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.standardize_obs and not args.global_obs, "--standardize-obs acts on --global-obs's vectors: add it"),
         (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
         (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
@@ -188,7 +193,8 @@ def check_args(args: Args) -> Optional[str]:
 class MultiAgentArrays(gym.Env):
     """One MaMuJoCo parallel env as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs`
     (num_agents, max_obs_dim), each agent's local observation (its joints and those within agent_obsk hops,
-    zero-padded) or, with global_obs, the full state and a one-hot agent id, and `state`, the global state; action
+    zero-padded) or, with global_obs, the full state and a one-hot agent id (standardized per vector with
+    standardize_obs, as the critic's state then), and `state`, the global state; action
     (num_agents, max_act_dim), each agent reading its first act_dim entries; reward the task's reward, which MaMuJoCo
     gives every agent alike (the team reward is that reward, not a sum)."""
 
@@ -204,7 +210,7 @@ class MultiAgentArrays(gym.Env):
             render_mode=render_mode,
             max_episode_steps=args.max_episode_steps,
         )
-        self.render_mode, self.global_obs = render_mode, args.global_obs
+        self.render_mode, self.global_obs, self.standardize_obs = render_mode, args.global_obs, args.standardize_obs
         self.agents = list(self.env.possible_agents)
         self.act_spaces = [self.env.action_space(a) for a in self.agents]
         n, state_dim = len(self.agents), self.env.single_agent_env.observation_space.shape[0]  # env.state()'s size
@@ -221,9 +227,14 @@ class MultiAgentArrays(gym.Env):
         self.action_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.act_dims)), np.float32)
 
     def _arrays(self, state: np.ndarray) -> dict:
-        n, state = len(self.agents), state.astype(np.float32)
+        n = len(self.agents)
         if self.global_obs:
-            return {"obs": np.concatenate([np.tile(state, (n, 1)), np.eye(n, dtype=np.float32)], 1), "state": state}
+            obs = np.concatenate([np.tile(state, (n, 1)), np.eye(n)], 1)
+            if self.standardize_obs:  # the paper's get_obs and get_state: each vector by its own mean and std
+                obs = (obs - obs.mean(1, keepdims=True)) / obs.std(1, keepdims=True)
+                state = (state - state.mean()) / state.std()
+            return {"obs": obs.astype(np.float32), "state": state.astype(np.float32)}
+        state = state.astype(np.float32)
         padded = np.zeros(self.observation_space["obs"].shape, np.float32)
         for i in range(n):
             agent_obs = self.env._get_obs_agent(i)
@@ -280,21 +291,44 @@ class Actor(nn.Module):
         # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
         self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
 
-    def distribution(self, obs: Tensor) -> Independent:
-        """The Gaussian given padded observations (..., max_obs_dim); its log-probability sums over the dimensions."""
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussian's mean and std given padded observations (..., max_obs_dim)."""
         out = self.net(obs[..., : self.obs_dim])
         std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Independent(Normal(out, std.expand_as(out)), 1)
+        return out, std.expand_as(out)
+
+    def distribution(self, obs: Tensor) -> Independent:
+        """The Gaussian given padded observations; its log-probability sums over the dimensions."""
+        return Independent(Normal(*self(obs)), 1)
+
+
+def stack_actors(actors: list) -> Optional[tuple]:
+    """The actors' parameters stacked for act's one vmapped pass, or None where their sizes differ or one actor is
+    shared; made once per rollout (at 17 agents it pays: docs page)."""
+    if len({(actor.obs_dim, actor.act_dim) for actor in actors}) > 1 or len(set(map(id, actors))) < len(actors):
+        return None
+    params, buffers = stack_module_state(actors)
+    return params, buffers, copy.deepcopy(actors[0]).to("meta")
 
 
 @torch.inference_mode()
-def act(actors: list, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), zero-padded, and log-probabilities (E, N)."""
-    max_act_dim, actions, logprobs = max(actor.act_dim for actor in actors), [], []
-    for i, actor in enumerate(actors):  # each agent acts on its own observation with its own actor
-        dist = actor.distribution(obs[:, i])
-        action = dist.mode if deterministic else dist.sample()
-        logprobs.append(dist.log_prob(action))
+def act(
+    actors: list, obs: Tensor, deterministic: bool = False, stacked: Optional[tuple] = None
+) -> tuple[Tensor, Tensor]:
+    """obs (E, N, max_obs_dim) -> actions (E, N, max_act_dim), zero-padded, and log-probabilities (E, N): each agent
+    acts on its own observation with its own actor, in a loop or, given stack_actors', in one pass (same numbers)."""
+    max_act_dim = max(actor.act_dim for actor in actors)
+    noise = torch.randn(obs.shape[:2] + (max_act_dim,), device=obs.device) * (not deterministic)  # (E, N, max_act)
+    if stacked is not None:
+        params, buffers, base = stacked
+        mean, std = vmap(functional_call, in_dims=(None, 0, 1), out_dims=1)(base, (params, buffers), obs)
+        action = mean + std * noise
+        return action, Normal(mean, std).log_prob(action).sum(-1)
+    actions, logprobs = [], []
+    for i, actor in enumerate(actors):
+        mean, std = actor(obs[:, i])
+        action = mean + std * noise[:, i, : actor.act_dim]
+        logprobs.append(Normal(mean, std).log_prob(action).sum(-1))
         actions.append(F.pad(action, (0, max_act_dim - actor.act_dim)))
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
@@ -407,12 +441,13 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
     env = make_env(args, "rgb_array")()
     if video_folder is not None:
         env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
-    returns = []
+    returns, stacked = [], stack_actors(actors)
     for episode in range(args.eval_episodes):
         next_obs, _ = env.reset(seed=args.seed + 10_000 + episode)
         done, episodic_return = False, 0.0
         while not done:
-            action, _ = act(actors, torch.as_tensor(next_obs["obs"], device=device).unsqueeze(0), deterministic=True)
+            obs = torch.as_tensor(next_obs["obs"], device=device).unsqueeze(0)
+            action, _ = act(actors, obs, deterministic=True, stacked=stacked)
             next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
             episodic_return, done = episodic_return + reward, terminated or truncated
         returns.append(episodic_return)
@@ -546,13 +581,13 @@ if __name__ == "__main__":
             next_obs_np, _ = envs.reset(seed=args.seed + iteration - 1)
             next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
 
-        rollout_start = time.time()
+        rollout_start, stacked = time.time(), stack_actors(policies)
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step], states[step] = next_obs, next_state
 
             # ALGO LOGIC: each agent acts on its own observation with its own actor
-            actions[step], logprobs[step] = act(policies, next_obs)
+            actions[step], logprobs[step] = act(policies, next_obs, stacked=stacked)
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs_np, reward, terminated, truncated, infos = envs.step(actions[step].cpu().numpy())

@@ -280,6 +280,8 @@ def comparison_table(final: list) -> str:
         return f"{interval(row, name, '+')}; {ahead}; p = {row[f'{name}_p']:.3g}"
 
     def variance(row: dict) -> str:
+        if not np.isfinite(row["adv_variance_last"]):
+            return "n/a"
         spread = f"{number(row['adv_variance_last_min'])}-{number(row['adv_variance_last_max'])}"
         return f"{number(row['adv_variance_last'])} [{spread}]"
 

@@ -81,6 +81,17 @@ for task, (env_id, conf, epochs, clip, lr, critic_lr, anneal, ent) in PAIR_TASKS
     flags += ["--clip-coef", str(clip), "--learning-rate", str(lr), "--critic-learning-rate", str(critic_lr)]
     flags += ["--ent-coef", str(ent), *PAIRS] + (["--anneal-lr"] if anneal else [])
     SETTINGS[f"paper-mamujoco-{task}"] = ("lv_happo_mamujoco.py", flags)
+# the paper's largest teams with its observations (state and one-hot id, each vector standardized): Humanoid 17x1 as
+# its pair above plus --standardize-obs (the 2M runs of paper-mamujoco-humanoid-17x1 saw the raw state), and
+# ManySegmentSwimmer 20x1 with its LV-HAPPO configuration, which HAPPO runs too (the paper publishes none for HAPPO)
+HUMANOID = SETTINGS["paper-mamujoco-humanoid-17x1"][1]
+SETTINGS["paper-mamujoco-humanoid-17x1-standardized"] = ("lv_happo_mamujoco.py", [*HUMANOID, "--standardize-obs"])
+SWIMMER = ["--env-id", "ManySegmentSwimmer", "--agent-conf", "20x1", "--standardize-obs", *PAIRS]
+SWIMMER[SWIMMER.index("--num-envs") + 1] = "20"
+SWIMMER[SWIMMER.index("--hidden-sizes") + 1 : SWIMMER.index("--hidden-sizes") + 4] = ["256", "256"]
+SWIMMER += ["--learning-rate", "1e-4", "--critic-learning-rate", "1e-4", "--clip-coef", "0.1", "--ent-coef", "1e-5"]
+SWIMMER += ["--update-epochs", "5", "--critic-epochs", "5"]
+SETTINGS["paper-mamujoco-swimmer-20x1"] = ("lv_happo_mamujoco.py", SWIMMER)
 # the paper's shared-parameter SMAC run without a recurrent actor (SPEC.md): one actor at lr 1e-4, the critic at 5e-4
 SHARED_6H = SETTINGS["paper-smax-6h_vs_8z"][1].copy()
 SHARED_6H[SHARED_6H.index("--learning-rate") + 1] = "1e-4"

@@ -41,6 +41,26 @@ def test_heterogeneous_partition_is_padded():
     torch.testing.assert_close(dist.log_prob(action[:, 1, :8]), logprob[:, 1])
 
 
+def test_actors_of_one_shape_act_in_one_pass_with_the_loops_numbers():
+    actors = [lv.Actor(30, 2, (16, 16), "sigmoid") for _ in range(5)]
+    for actor in actors:  # distinct actors that differ in every parameter, the std included
+        torch.nn.init.normal_(actor.std_param)
+        torch.nn.init.normal_(actor.net[1].bias)
+    obs, stacked = torch.randn(4, 5, 30), lv.stack_actors(actors)
+    for deterministic in (False, True):
+        torch.manual_seed(3)
+        looped = lv.act(actors, obs, deterministic)
+        torch.manual_seed(3)
+        batched = lv.act(actors, obs, deterministic, stacked)
+        for a, b in zip(looped, batched, strict=True):
+            torch.testing.assert_close(a, b)
+    for i, actor in enumerate(actors):  # the loop's log-probabilities are each actor's own
+        torch.testing.assert_close(actor.distribution(obs[:, i]).log_prob(looped[0][:, i]), looped[1][:, i])
+    torch.testing.assert_close(looped[0][:, 2], actors[2](obs[:, 2])[0])  # deterministic: the mean
+    assert lv.stack_actors([actors[0]] * 3) is None  # a shared actor acts as one
+    assert lv.stack_actors([actors[0], lv.Actor(30, 1, (16, 16), "sigmoid")]) is None  # sizes differ
+
+
 def test_global_obs_is_state_plus_one_hot_id():
     cheetah = env("--global-obs")
     obs, _ = cheetah.reset(seed=0)
@@ -48,6 +68,22 @@ def test_global_obs_is_state_plus_one_hot_id():
     for i in range(6):
         np.testing.assert_array_equal(obs["obs"][i, :17], obs["state"])
         np.testing.assert_array_equal(obs["obs"][i, 17:], np.eye(6)[i])
+
+
+def test_standardized_obs_follow_the_papers_formula():
+    # the paper's get_obs: x_i = (state, one-hot id of i), (x_i - mean(x_i)) / std(x_i); its get_state: the same of
+    # the state alone; the final state of a truncated episode is standardized alike
+    humanoid = env("--env-id", "Humanoid", "--agent-conf", "17x1", "--global-obs", "--standardize-obs")
+    obs, _ = humanoid.reset(seed=0)
+    for t in range(3):
+        state = humanoid.env.single_agent_env.unwrapped._get_obs()  # float64, as MuJoCo gives it
+        for i in range(17):
+            x = np.concatenate([state, np.eye(17)[i]])
+            np.testing.assert_allclose(obs["obs"][i], (x - np.mean(x)) / np.std(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(obs["state"], (state - np.mean(state)) / np.std(state), rtol=1e-5, atol=1e-6)
+        obs, *_ = humanoid.step(np.full((17, 1), 0.1, np.float32))
+    np.testing.assert_allclose(obs["obs"].mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(obs["obs"].std(1), 1, atol=1e-5)
 
 
 def test_local_obs_follow_agent_obsk():
@@ -169,6 +205,7 @@ def test_capture_video_without_renderer_ends_before_training_in_one_line(tmp_cwd
         (("--agent-obsk", "-1"), "--agent-obsk must be a finite number, not negative"),
         (("--max-episode-steps", "0"), "--max-episode-steps must be a positive number"),
         (("--clip-coef", "nan"), "--clip-coef must be a positive number, got nan"),
+        (("--standardize-obs",), "--standardize-obs acts on --global-obs's vectors: add it"),
         (("--num-agents", "3"), "Unrecognized options: --num-agents"),
     ],
 )

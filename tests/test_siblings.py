@@ -28,7 +28,7 @@ SHARED = {
     "make_env": GYM,
     "Actor": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "act": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
-    "evaluate": GYM,
+    "evaluate": GYM - {"lv_happo_mamujoco.py"},
     "load_checkpoint": EVERY,
     "load_model": EVERY,
 }
@@ -47,6 +47,7 @@ DIFFERENT = {
     ("agent_step", "lv_happo_smac.py"): "the loss over the living agent's samples, among its available actions",
     ("agent_ratio", "lv_happo_smac.py"): "a dead agent's forced no-op contributes a ratio of 1",
     ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
+    ("evaluate", "lv_happo_mamujoco.py"): "the actors stacked once for act's vmapped pass (17 and 20 agents)",
     ("evaluate", "lv_happo_vmas.py"): "one batch of episodes, VMAS's shared random state",
 }
 # the set-up of the main block, in CleanRL's order
