@@ -379,7 +379,9 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
-    return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
+    if mode == "none":
+        return torch.ones_like(factor)
+    return factor.clamp(max=factor_clip) if mode == "clipped" else factor
 
 
 def actor_loss(
@@ -404,19 +406,22 @@ def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, args: Arg
 
 
 @torch.no_grad()
-def agent_ratio(actor: nn.Module, agent: int, samples: list, clip_coef: float, logs: dict) -> Tensor:
-    """The agent's ratio pi_now / pi_behaviour on every sample (1 where it is dead), with the update's approximate
-    KL and clip fraction over its living samples."""
-    obs, avail, actions, oldlogprob, _, mask, _ = samples
+def agent_logratio(actor: nn.Module, agent: int, samples: list) -> Tensor:
+    """log(pi_now / pi_behaviour) of the agent's actions on every sample, 0 where it is dead (its forced no-op)."""
+    obs, avail, actions, oldlogprob, _, mask = samples[:6]
     logratio = actor.distribution(obs, avail, agent).log_prob(actions) - oldlogprob
+    return torch.where(mask > 0, logratio, torch.zeros_like(logratio))
+
+
+def log_update(logratio: Tensor, mask: Tensor, clip_coef: float, logs: dict) -> None:
+    """An agent's update, measured on its living samples: the approximate KL(old || new) and the clip fraction."""
     ratio = logratio.exp()
     logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, mask).item())
     logs["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > clip_coef).float(), mask).item())
-    return torch.where(mask > 0, ratio, torch.ones_like(ratio))
 
 
 def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
-    """The factor M seen at position k of the order, and the variance of M_used * A (SPEC's `lv/` tags)."""
+    """The factor M seen at position k of the order, and the variance of m_used * A (the README's `lv/` tags)."""
     writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
     writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
     writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
@@ -441,6 +446,63 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
     if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
         optimizer.step()
     return finite
+
+
+def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """LV-HAPPO's sequential update of separate actors. In a random order i_1, ..., i_n, agent i_k goes through all
+    its epochs on
+
+        L(i_k) = -E[ m_used * min(r A, clip(r, 1 - eps, 1 + eps) A) ] - ent_coef * entropy,
+        m_used = min(M, c),   M = prod_{j < k} r^{i_j}   (HAPPO: m_used = M; MAPPO-style: m_used = 1),
+
+    over its living samples, r being its ratio pi_new / pi_behaviour; then its ratio on every sample (1 where it was
+    dead) multiplies the unclipped M that the next agent sees. batch: obs (B, N, obs_dim), available actions
+    (B, N, num_actions), actions (B, N), behaviour log-probabilities (B, N), advantages (B, N: each agent's own with
+    the FP state, the team's with EP) and alive masks (B, N). Returns the number of steps skipped."""
+    batch_size, num_agents = batch[3].shape
+    b_inds, skipped = np.arange(batch_size), 0
+    factor = torch.ones(batch_size, device=batch[3].device)  # M: 1 for the first agent of the order
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
+    for k, agent in enumerate(order):
+        actor, optimizer = actors[agent], optimizers[agent]
+        m_used = factor_used(factor, args.factor, args.factor_clip)
+        samples = [x[:, agent] for x in batch] + [m_used]  # obs, avail, actions, logp, adv, alive, m_used
+        log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, step)
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, batch_size, args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                finite = agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
+                skipped += not finite
+        logratio = agent_logratio(actor, agent, samples)
+        log_update(logratio, samples[5], args.clip_coef, logs)
+        factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
+    return skipped
+
+
+def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """The paper's update of one actor shared by all agents: in each epoch M restarts at 1; for each minibatch, every
+    agent of the order takes one step on its samples of it, weighted as in update_actors, and its ratio on every sample
+    then multiplies M. The last epoch's first pass is logged. Batch and return as in update_actors."""
+    batch_size, num_agents = batch[3].shape
+    b_inds, skipped = np.arange(batch_size), 0
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+    for epoch in range(args.update_epochs):
+        factor = torch.ones(batch_size, device=batch[3].device)
+        np.random.shuffle(b_inds)
+        for start in range(0, batch_size, args.minibatch_size):
+            mb = b_inds[start : start + args.minibatch_size]
+            for k, agent in enumerate(order):
+                m_used = factor_used(factor, args.factor, args.factor_clip)
+                samples = [x[:, agent] for x in batch] + [m_used]
+                if epoch == args.update_epochs - 1 and start == 0:
+                    log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, step)
+                finite = agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
+                skipped += not finite
+                logratio = agent_logratio(actor, agent, samples)
+                log_update(logratio, samples[5], args.clip_coef, logs)
+                factor = factor * logratio.exp()  # the carry, as in update_actors
+    return skipped
 
 
 def make_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_dir: str = "") -> Any:
@@ -490,6 +552,10 @@ def load_checkpoint(args: Args) -> dict:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    if not isinstance(checkpoint, dict) or "args" not in checkpoint:  # a --save-model file holds only the networks
+        fail(f"{args.resume} is not a checkpoint (a saved model? evaluate it with --eval-model)")
+    if checkpoint.get("script") != os.path.basename(__file__):
+        fail(f"{args.resume} was written by {checkpoint.get('script', 'another script')}: resume it with that script")
     may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
     may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
     flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
@@ -660,45 +726,17 @@ if __name__ == "__main__":
         adv_std = masked_mean((advantages.flatten(0, 1) - adv_mean) ** 2, b_value_mask).sqrt()
         b_advantages = (advantages.flatten(0, 1) - adv_mean) / (adv_std + 1e-8)  # normalized over living agents
 
-        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
-        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
-        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
-        factor = torch.ones(args.batch_size, device=device)
-        b_inds = np.arange(args.batch_size)
-        logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
+        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
         b_agent_advantages = b_advantages.expand_as(b_active)  # (B, N): FP its own per agent, EP the team's for all
-        batch = (b_obs, b_avail, b_actions, b_logprobs, b_agent_advantages, b_active)  # agent i's samples: x[:, i]
-        if not args.share_actor:  # separate actors: agent after agent, each through all its epochs
-            for k, agent in enumerate(order):
-                m_used = factor_used(factor, args.factor, args.factor_clip)
-                samples = [x[:, agent] for x in batch] + [m_used]  # obs, avail, act, logp, adv, alive, M
-                log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, global_step)
-                actor, optimizer = actors[agent], actor_optimizers[agent]
-                for epoch in range(args.update_epochs):
-                    np.random.shuffle(b_inds)
-                    for start in range(0, args.batch_size, args.minibatch_size):
-                        mb = b_inds[start : start + args.minibatch_size]
-                        skipped += not agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k} (unclipped; 1 for a dead agent's forced no-op)
-                factor = factor * agent_ratio(actor, agent, samples, args.clip_coef, logs)
-        else:  # one shared actor, the paper's update: in each epoch the factor starts at 1; for each minibatch,
-            # every agent in the order takes one step on its own samples and the factor takes on its ratio
-            actor, optimizer = actors[0], actor_optimizers[0]
-            for epoch in range(args.update_epochs):
-                factor = torch.ones(args.batch_size, device=device)
-                np.random.shuffle(b_inds)
-                for start in range(0, args.batch_size, args.minibatch_size):
-                    mb = b_inds[start : start + args.minibatch_size]
-                    for k, agent in enumerate(order):
-                        m_used = factor_used(factor, args.factor, args.factor_clip)
-                        samples = [x[:, agent] for x in batch] + [m_used]
-                        if epoch == args.update_epochs - 1 and start == 0:  # the last epoch's first pass is logged
-                            weighted = (m_used * samples[4])[samples[5] > 0]
-                            log_factor(writer, k, factor, weighted, args.factor_clip, global_step)
-                        skipped += not agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
-                        factor = factor * agent_ratio(actor, agent, samples, args.clip_coef, logs)
+        batch = (b_obs, b_avail, b_actions, b_logprobs, b_agent_advantages, b_active)
+        if args.share_actor:
+            skipped = update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
+        else:
+            skipped = update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
+        b_inds = np.arange(args.batch_size)
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
@@ -735,6 +773,7 @@ if __name__ == "__main__":
             rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
             state = {name: module.state_dict() for name, module in stateful.items()}
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
             torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
             os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
         if interrupted:

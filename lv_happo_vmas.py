@@ -294,47 +294,33 @@ def compute_gae(
     return advantages
 
 
+@torch.no_grad()
+def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
+    """GAE advantages, value targets (advantages + values) and values, each (T, E), from the rollout's states, the
+    states its steps reached (the true final state where an episode was truncated), rewards, terminations and dones:
+    a state reached by a termination is worth 0, a truncated episode bootstraps from its final state. The value
+    normalization takes on the new targets."""
+    states, next_states, rewards, terminations, dones = rollout
+    values = value_norm.denormalize(critic(states).squeeze(-1))
+    next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
+    advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
+    returns = advantages + values
+    value_norm.update(returns)
+    return advantages, returns, values
+
+
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
-    return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
+    if mode == "none":
+        return torch.ones_like(factor)
+    return factor.clamp(max=factor_clip) if mode == "clipped" else factor
 
 
-def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, clip_coef: float) -> Tensor:
-    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
+def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, m_used: Tensor, clip_coef: float) -> Tensor:
+    """-E[m_used * min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
     ratio = (newlogprob - oldlogprob).exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return -(factor * surrogate).mean()
-
-
-def agent_step(actor: nn.Module, optimizer, samples: list, args: Args, logs: dict) -> bool:
-    """One step on -E[M * clipped surrogate] - ent_coef * entropy over a minibatch of an agent's samples (obs, actions,
-    behaviour log-probabilities, advantages, factors); False when a non-finite loss or gradient skipped it."""
-    obs, actions, oldlogprob, advantages, factor = samples
-    dist = actor.distribution(obs)
-    newlogprob, entropy_loss = dist.log_prob(actions), dist.entropy().mean()
-    pg_loss = actor_loss(newlogprob, oldlogprob, advantages, factor, args.clip_coef)
-    logs["policy_loss"].append(pg_loss.item())
-    logs["entropy"].append(entropy_loss.item())
-    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
-
-
-@torch.no_grad()
-def agent_ratio(actor: nn.Module, samples: tuple, clip_coef: float, logs: dict) -> Tensor:
-    """The agent's ratio pi_now / pi_behaviour on every sample, with the update's approximate KL and clip fraction."""
-    obs, actions, oldlogprob = samples[:3]
-    logratio = actor.distribution(obs).log_prob(actions) - oldlogprob
-    ratio = logratio.exp()
-    logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
-    logs["clipfrac"].append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
-    return ratio
-
-
-def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
-    """The factor M seen at position k of the order, and the variance of M_used * A (SPEC's `lv/` tags)."""
-    writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
-    writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
-    writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
-    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
+    return -(m_used * surrogate).mean()
 
 
 def critic_loss(
@@ -355,6 +341,105 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
     if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
         optimizer.step()
     return finite
+
+
+def agent_step(actor: nn.Module, optimizer, samples: list, args: Args, logs: dict) -> bool:
+    """One step on -E[m_used * clipped surrogate] - ent_coef * entropy over a minibatch of an agent's samples (obs,
+    actions, behaviour log-probabilities, advantages, m_used); False when a non-finite loss or gradient skipped it."""
+    obs, actions, oldlogprob, advantages, m_used = samples
+    dist = actor.distribution(obs)
+    newlogprob, entropy_loss = dist.log_prob(actions), dist.entropy().mean()
+    pg_loss = actor_loss(newlogprob, oldlogprob, advantages, m_used, args.clip_coef)
+    logs["policy_loss"].append(pg_loss.item())
+    logs["entropy"].append(entropy_loss.item())
+    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+
+
+@torch.no_grad()
+def agent_logratio(actor: nn.Module, samples: tuple) -> Tensor:
+    """log(pi_now / pi_behaviour) of the agent's actions on every sample (obs, actions, behaviour log-probabilities)."""
+    obs, actions, oldlogprob = samples[:3]
+    return actor.distribution(obs).log_prob(actions) - oldlogprob
+
+
+def log_update(logratio: Tensor, clip_coef: float, logs: dict) -> None:
+    """An agent's update, measured on its whole batch: the approximate KL(old || new) and the clip fraction."""
+    ratio = logratio.exp()
+    logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
+    logs["clipfrac"].append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
+
+
+def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
+    """The factor M seen at position k of the order, and the variance of m_used * A (the README's `lv/` tags)."""
+    writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
+    writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
+    writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
+    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
+
+
+def own_actions(actions: Tensor, actor: nn.Module) -> Tensor:
+    """An agent's actions (B, max_act_dim) or (B,) without the padding: its first act_dim entries, or the indices."""
+    return actions[:, : actor.act_dim] if actions.dim() > 1 else actions
+
+
+def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """LV-HAPPO's sequential update of separate actors. In a random order i_1, ..., i_n, agent i_k goes through all
+    its epochs on
+
+        L(i_k) = -E[ m_used * min(r A, clip(r, 1 - eps, 1 + eps) A) ] - ent_coef * entropy,
+        m_used = min(M, c),   M = prod_{j < k} r^{i_j}   (HAPPO: m_used = M; MAPPO-style: m_used = 1),
+
+    r being the agent's ratio pi_new / pi_behaviour; then its ratio on every sample multiplies the unclipped M that
+    the next agent sees. batch: obs (B, N, max_obs_dim), actions (B, N[, max_act_dim]), behaviour log-probabilities
+    (B, N), advantages (B,). Returns the number of steps skipped for a non-finite loss or gradient."""
+    b_obs, b_actions, b_logprobs, b_advantages = batch
+    batch_size, num_agents = b_logprobs.shape
+    b_inds, skipped = np.arange(batch_size), 0
+    factor = torch.ones(batch_size, device=b_advantages.device)  # M: 1 for the first agent of the order
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
+    for k, agent in enumerate(order):
+        actor, optimizer = actors[agent], optimizers[agent]
+        m_used = factor_used(factor, args.factor, args.factor_clip)
+        log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
+        actions = own_actions(b_actions[:, agent], actor)
+        samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, batch_size, args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                finite = agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
+                skipped += not finite
+        logratio = agent_logratio(actor, samples)
+        log_update(logratio, args.clip_coef, logs)
+        factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
+    return skipped
+
+
+def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """The paper's update of one actor shared by all agents: in each epoch M restarts at 1; for each minibatch, every
+    agent of the order takes one step on its samples of it, weighted as in update_actors, and its ratio on every sample
+    then multiplies M. The last epoch's first pass is logged. Batch and return as in update_actors."""
+    b_obs, b_actions, b_logprobs, b_advantages = batch
+    batch_size, num_agents = b_logprobs.shape
+    b_inds, skipped = np.arange(batch_size), 0
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+    for epoch in range(args.update_epochs):
+        factor = torch.ones(batch_size, device=b_advantages.device)
+        np.random.shuffle(b_inds)
+        for start in range(0, batch_size, args.minibatch_size):
+            mb = b_inds[start : start + args.minibatch_size]
+            for k, agent in enumerate(order):
+                m_used = factor_used(factor, args.factor, args.factor_clip)
+                if epoch == args.update_epochs - 1 and start == 0:
+                    log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
+                actions = own_actions(b_actions[:, agent], actor)
+                samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
+                finite = agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
+                skipped += not finite
+                logratio = agent_logratio(actor, samples)
+                log_update(logratio, args.clip_coef, logs)
+                factor = factor * logratio.exp()  # the carry, as in update_actors
+    return skipped
 
 
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
@@ -386,6 +471,10 @@ def load_checkpoint(args: Args) -> dict:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    if not isinstance(checkpoint, dict) or "args" not in checkpoint:  # a --save-model file holds only the networks
+        fail(f"{args.resume} is not a checkpoint (a saved model? evaluate it with --eval-model)")
+    if checkpoint.get("script") != os.path.basename(__file__):
+        fail(f"{args.resume} was written by {checkpoint.get('script', 'another script')}: resume it with that script")
     may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
     may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
     flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
@@ -519,54 +608,23 @@ if __name__ == "__main__":
 
         # bootstrap value if not done
         update_start = time.time()
-        with torch.no_grad():
-            values = value_norm.denormalize(critic(states).squeeze(-1))  # (T, E)
-            next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
-            advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
-            returns = advantages + values
-            value_norm.update(returns)
+        rollout = (states, next_states, rewards, terminations, dones)
+        advantages, returns, values = advantages_and_returns(critic, value_norm, rollout, args)  # (T, E) each
 
         b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
         b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
-        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by the factor
-        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
-        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
-        factor = torch.ones(args.batch_size, device=device)
-        b_inds = np.arange(args.batch_size)
-        logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
-        if not args.share_actor:  # separate actors: agent after agent, each through all its epochs
-            for k, agent in enumerate(order):
-                m_used = factor_used(factor, args.factor, args.factor_clip)
-                log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
-                actor, optimizer = actors[agent], actor_optimizers[agent]
-                a_actions = b_actions[:, agent, : actor.act_dim] if args.continuous_actions else b_actions[:, agent]
-                samples = (b_obs[:, agent], a_actions, b_logprobs[:, agent], b_advantages, m_used)  # agent's own
-                for epoch in range(args.update_epochs):
-                    np.random.shuffle(b_inds)
-                    for start in range(0, args.batch_size, args.minibatch_size):
-                        mb = b_inds[start : start + args.minibatch_size]
-                        skipped += not agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                factor = factor * agent_ratio(actor, samples, args.clip_coef, logs)
-        else:  # one shared actor, the paper's update: in each epoch the factor starts at 1; for each minibatch,
-            # every agent in the order takes one step on its own samples and the factor takes on its ratio
-            actor, optimizer = actors[0], actor_optimizers[0]
-            for epoch in range(args.update_epochs):
-                factor = torch.ones(args.batch_size, device=device)
-                np.random.shuffle(b_inds)
-                for start in range(0, args.batch_size, args.minibatch_size):
-                    mb = b_inds[start : start + args.minibatch_size]
-                    for k, agent in enumerate(order):
-                        m_used = factor_used(factor, args.factor, args.factor_clip)
-                        if epoch == args.update_epochs - 1 and start == 0:  # the last epoch's first pass is logged
-                            log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, global_step)
-                        samples = (b_obs[:, agent], b_actions[:, agent], b_logprobs[:, agent], b_advantages, m_used)
-                        skipped += not agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
-                        factor = factor * agent_ratio(actor, samples, args.clip_coef, logs)
+        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
+        batch = (b_obs, b_actions, b_logprobs, b_advantages)
+        if args.share_actor:
+            skipped = update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
+        else:
+            skipped = update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
+        b_inds = np.arange(args.batch_size)
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
@@ -599,6 +657,7 @@ if __name__ == "__main__":
             rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
             state = {name: module.state_dict() for name, module in stateful.items()}
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
             torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
             os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
         if interrupted:

@@ -214,6 +214,15 @@ def make_env(args: Args, render_mode: Optional[str] = None):
     return thunk
 
 
+def reached_states(next_state: Tensor, truncated: np.ndarray, infos: dict) -> Tensor:
+    """The states a vector step reached (E, state_dim): next_state, but the true final state where an episode was
+    truncated (SAME_STEP autoreset puts it in infos and the next episode's first in next_state)."""
+    reached = next_state.clone()
+    for env_idx in np.flatnonzero(truncated):  # after a termination the value is 0 in any case
+        reached[env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=next_state.device)
+    return reached
+
+
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -301,9 +310,26 @@ def compute_gae(
     return advantages
 
 
+@torch.no_grad()
+def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
+    """GAE advantages, value targets (advantages + values) and values, each (T, E), from the rollout's states, the
+    states its steps reached (the true final state where an episode was truncated), rewards, terminations and dones:
+    a state reached by a termination is worth 0, a truncated episode bootstraps from its final state. The value
+    normalization takes on the new targets."""
+    states, next_states, rewards, terminations, dones = rollout
+    values = value_norm.denormalize(critic(states).squeeze(-1))
+    next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
+    advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
+    returns = advantages + values
+    value_norm.update(returns)
+    return advantages, returns, values
+
+
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
-    return {"clipped": factor.clamp(max=factor_clip), "raw": factor, "none": torch.ones_like(factor)}[mode]
+    if mode == "none":
+        return torch.ones_like(factor)
+    return factor.clamp(max=factor_clip) if mode == "clipped" else factor
 
 
 def surrogate(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor) -> Tensor:
@@ -312,12 +338,38 @@ def surrogate(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor
     return (factor * ratio * advantages).mean()
 
 
+def conjugate_gradient(fvp, g: Tensor, iters: int) -> Tensor:
+    """x with fvp(x) = g, by at most iters steps of conjugate gradient (fvp: v -> (F + damping * I) v)."""
+    x, r, p = torch.zeros_like(g), g.clone(), g.clone()
+    rr = r @ r
+    for _ in range(iters):
+        fp = fvp(p)
+        alpha = rr / (p @ fp)
+        x, r = x + alpha * p, r - alpha * fp
+        rr_new = r @ r
+        if rr_new < 1e-10:
+            break
+        p, rr = r + (rr_new / rr) * p, rr_new
+    return x
+
+
+def line_search(trial, expected_improve: Tensor, args: Args) -> tuple[float, int, float]:
+    """Backtracking: the first coef = backtrack^j, j < ls_steps, whose trial(coef) = (KL, improvement) keeps the KL
+    under delta and improves by at least accept_ratio of the linear prediction coef * expected_improve (and by more
+    than 0). Returns (coef, steps tried, its KL), or (0, ls_steps, 0) when none is accepted."""
+    for j in range(args.ls_steps):
+        coef = args.backtrack_coef**j
+        kl, improve = trial(coef)
+        if kl <= args.kl_threshold and improve > 0 and improve >= args.accept_ratio * coef * expected_improve:
+            return coef, j + 1, float(kl)
+    return 0.0, args.ls_steps, 0.0
+
+
 def trpo_step(actor: Actor, obs: Tensor, actions: Tensor, oldlogprob: Tensor, adv: Tensor, m: Tensor, args: Args):
-    """One agent's step: maximise E[M r A] s.t. mean KL(pi_old || pi_new) <= delta, by the natural gradient
-    x = F^-1 g (conjugate gradient; F the Hessian of the mean KL), scaled to sqrt(2 delta / x^T F x) x, then
-    backtracking: the first coef = backtrack^j whose KL is under delta and whose improvement is at least accept_ratio
-    of the linear prediction (and positive) is kept, else the old parameters. Returns (KL, line-search steps,
-    accepted), or None for a non-finite surrogate or gradient."""
+    """One agent's step: maximise E[m_used r A] s.t. mean KL(pi_old || pi_new) <= delta, by the natural gradient
+    x = F^-1 g (conjugate gradient; F the Hessian of the mean KL), scaled to the full step sqrt(2 delta / x^T F x) x
+    (the quadratic model's KL is then delta), then line_search from it, else the old parameters. Returns (KL,
+    line-search steps, accepted), or None for a non-finite surrogate or gradient."""
     params = list(actor.parameters())
     old_params = parameters_to_vector(params).detach()
     objective = surrogate(actor.distribution(obs).log_prob(actions), oldlogprob, adv, m)
@@ -332,30 +384,83 @@ def trpo_step(actor: Actor, obs: Tensor, actions: Tensor, oldlogprob: Tensor, ad
     def fvp(v: Tensor) -> Tensor:  # v -> (F + damping * I) v
         return parameters_to_vector(torch.autograd.grad(grad_kl @ v, params, retain_graph=True)) + args.cg_damping * v
 
-    direction, r, p = torch.zeros_like(g), g.clone(), g.clone()  # conjugate gradient: (F + damping * I) x = g
-    rr = r @ r
-    for _ in range(args.cg_iters):
-        fp = fvp(p)
-        alpha = rr / (p @ fp)
-        direction, r = direction + alpha * p, r - alpha * fp
-        rr_new = r @ r
-        if rr_new < 1e-10:
-            break
-        p, rr = r + (rr_new / rr) * p, rr_new
+    direction = conjugate_gradient(fvp, g, args.cg_iters)
     shs = direction @ fvp(direction)
     full_step = (2 * args.kl_threshold / shs).sqrt() * direction
-    expected_improve = g @ full_step
-    with torch.no_grad():  # no step at all without a gradient (e.g. all advantages zero)
-        for j in range(args.ls_steps if shs > 0 and torch.isfinite(shs) else 0):
-            coef = args.backtrack_coef**j
-            vector_to_parameters(old_params + coef * full_step, params)
-            new_dist = actor.distribution(obs)
-            new_objective = surrogate(new_dist.log_prob(actions), oldlogprob, adv, m)
-            kl, improve = kl_divergence(old_dist, new_dist).mean(), new_objective - objective
-            if kl <= args.kl_threshold and improve > 0 and improve >= args.accept_ratio * coef * expected_improve:
-                return kl.item(), j + 1, 1.0
-        vector_to_parameters(old_params, params)
+
+    @torch.no_grad()
+    def trial(coef: float) -> tuple[Tensor, Tensor]:  # (KL, improvement) with the parameters moved by coef * full_step
+        vector_to_parameters(old_params + coef * full_step, params)
+        new_dist = actor.distribution(obs)
+        new_objective = surrogate(new_dist.log_prob(actions), oldlogprob, adv, m)
+        return kl_divergence(old_dist, new_dist).mean(), new_objective - objective
+
+    if shs > 0 and torch.isfinite(shs):  # no step at all without a gradient (e.g. all advantages zero)
+        coef, steps, kl = line_search(trial, g @ full_step, args)
+        if coef:
+            return kl, steps, 1.0
+    vector_to_parameters(old_params, params)
     return 0.0, args.ls_steps, 0.0
+
+
+@torch.no_grad()
+def agent_logratio(actor: nn.Module, samples: tuple) -> Tensor:
+    """log(pi_now / pi_behaviour) of the agent's actions on every sample (obs, actions, behaviour log-probabilities)."""
+    obs, actions, oldlogprob = samples[:3]
+    return actor.distribution(obs).log_prob(actions) - oldlogprob
+
+
+def log_update(logratio: Tensor, clip_coef: float, logs: dict) -> None:
+    """An agent's update, measured on its whole batch: the approximate KL(old || new) and the clip fraction."""
+    ratio = logratio.exp()
+    logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
+    logs["clipfrac"].append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
+
+
+def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
+    """The factor M seen at position k of the order, and the variance of m_used * A (the README's `lv/` tags)."""
+    writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
+    writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
+    writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
+    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
+
+
+def own_actions(actions: Tensor, actor: nn.Module) -> Tensor:
+    """An agent's actions (B, max_act_dim) or (B,) without the padding: its first act_dim entries, or the indices."""
+    return actions[:, : actor.act_dim] if actions.dim() > 1 else actions
+
+
+def update_actors(actors: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """LV-HATRPO's sequential update. In a random order i_1, ..., i_n, agent i_k takes one trust-region step
+    (trpo_step) on its linear surrogate
+
+        E[ m_used * r * A ],   m_used = min(M, c),   M = prod_{j < k} r^{i_j}   (HATRPO: M; MAPPO-style: 1),
+
+    then its ratio on every sample multiplies the unclipped M that the next agent sees. batch: obs (B, N, max_obs_dim),
+    actions (B, N[, max_act_dim]), behaviour log-probabilities (B, N), advantages (B,). Returns the number of steps
+    skipped for a non-finite surrogate or gradient."""
+    b_obs, b_actions, b_logprobs, b_advantages = batch
+    batch_size, num_agents = b_logprobs.shape
+    skipped = 0
+    factor = torch.ones(batch_size, device=b_advantages.device)  # M: 1 for the first agent of the order
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
+    for k, agent in enumerate(order):
+        actor = actors[agent]
+        m_used = factor_used(factor, args.factor, args.factor_clip)
+        log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
+        actions = own_actions(b_actions[:, agent], actor)
+        samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
+        result = trpo_step(actor, *samples, args)
+        skipped += result is None
+        for name, value in zip(("kl", "line_search_steps", "accepted"), result or (), strict=False):
+            writer.add_scalar(f"hatrpo/{name}_{k}", value, step)
+        with torch.no_grad():
+            logs["entropy"].append(actor.distribution(samples[0]).entropy().mean().item())
+        logratio = agent_logratio(actor, samples)
+        log_update(logratio, args.clip_coef, logs)
+        logs["policy_loss"].append(-surrogate(samples[2] + logratio, samples[2], b_advantages, m_used).item())
+        factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
+    return skipped
 
 
 def critic_loss(
@@ -402,6 +507,10 @@ def load_checkpoint(args: Args) -> dict:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     except Exception as error:
         fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    if not isinstance(checkpoint, dict) or "args" not in checkpoint:  # a --save-model file holds only the networks
+        fail(f"{args.resume} is not a checkpoint (a saved model? evaluate it with --eval-model)")
+    if checkpoint.get("script") != os.path.basename(__file__):
+        fail(f"{args.resume} was written by {checkpoint.get('script', 'another script')}: resume it with that script")
     may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
     may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
     flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
@@ -525,9 +634,7 @@ if __name__ == "__main__":
             for buffer, value in ((rewards, reward), (terminations, terminated), (dones, terminated | truncated)):
                 buffer[step] = torch.as_tensor(value, device=device)
             next_obs, next_state = (torch.as_tensor(next_obs_np[key], device=device) for key in ("obs", "state"))
-            next_states[step] = next_state
-            for env_idx in np.flatnonzero(truncated):  # the final state (after a termination, V = 0 in any case)
-                next_states[step, env_idx] = torch.as_tensor(infos["final_obs"][env_idx]["state"], device=device)
+            next_states[step] = reached_states(next_state, truncated, infos)
             for env_idx in np.flatnonzero(infos.get("_episode", [])):
                 recent_returns.append(float(infos["episode"]["r"][env_idx]))
                 writer.add_scalar("charts/episodic_return", recent_returns[-1], global_step)
@@ -535,51 +642,19 @@ if __name__ == "__main__":
 
         # bootstrap value if not done
         update_start = time.time()
-        with torch.no_grad():
-            values = value_norm.denormalize(critic(states).squeeze(-1))  # (T, E)
-            next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
-            advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
-            returns = advantages + values
-            value_norm.update(returns)
+        rollout = (states, next_states, rewards, terminations, dones)
+        advantages, returns, values = advantages_and_returns(critic, value_norm, rollout, args)  # (T, E) each
 
         b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
         b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
-        # ALGO LOGIC: sequential trust-region steps in a random order, each agent's advantage weighted by the factor
-        # M = prod_{j before i_k} pi_new^j(a^j|o^j) / pi_old^j(a^j|o^j), clipped from above: min(M, c)
-        order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
-        factor = torch.ones(args.batch_size, device=device)
-        b_inds = np.arange(args.batch_size)
-        logs, skipped = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}, 0
-        for k, agent in enumerate(order):
-            m_used = factor_used(factor, args.factor, args.factor_clip)
-            writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), global_step)
-            writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), global_step)
-            writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > args.factor_clip).float().mean(), global_step)
-            writer.add_scalar(f"lv/adv_variance_{k}", (m_used * b_advantages).var().item(), global_step)
-
-            # ALGO LOGIC: agent i_k's trust-region step on E[M_used * r * A] over the whole batch
-            actor, a_obs, a_logprobs = actors[agent], b_obs[:, agent], b_logprobs[:, agent]
-            a_actions = b_actions[:, agent, : actor.act_dim] if args.continuous_actions else b_actions[:, agent]
-            result = trpo_step(actor, a_obs, a_actions, a_logprobs, b_advantages, m_used, args)
-            skipped += result is None
-            for name, value in zip(("kl", "line_search_steps", "accepted"), result or (), strict=False):
-                writer.add_scalar(f"hatrpo/{name}_{k}", value, global_step)
-
-            with torch.no_grad():
-                dist = actor.distribution(a_obs)
-                newlogprob = dist.log_prob(a_actions)
-                logratio = newlogprob - a_logprobs
-                ratio = logratio.exp()
-                logs["policy_loss"].append(-surrogate(newlogprob, a_logprobs, b_advantages, m_used).item())
-                logs["entropy"].append(dist.entropy().mean().item())
-                logs["approx_kl"].append(((ratio - 1) - logratio).mean().item())
-                logs["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                # the next agent sees M * pi_new^{i_k} / pi_old^{i_k}: the unclipped product carries over
-                factor = factor * ratio
+        # ALGO LOGIC: sequential trust-region steps in a random order, each agent's advantage weighted by min(M, c)
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
+        skipped = update_actors(actors, (b_obs, b_actions, b_logprobs, b_advantages), args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
+        b_inds = np.arange(args.batch_size)
         value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
@@ -612,6 +687,7 @@ if __name__ == "__main__":
             rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
             state = {name: module.state_dict() for name, module in stateful.items()}
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
             torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
             os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
         if interrupted:

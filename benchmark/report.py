@@ -44,7 +44,7 @@ TRAIN_BINS = 50
 POSITION_TAGS = ("adv_variance", "factor_max", "factor_clip_fraction")
 VARIANT_NAMES = {"lv": "LV-HAPPO", "happo": "HAPPO", "mappo": "MAPPO-style"}
 COLOURS = {"lv": "C0", "happo": "C3", "mappo": "C2"}
-# the published curves to draw beside ours (SPEC.md): HARL's HAPPO read off its figures (MPE in mpe2 units), Kuba et
+# the published curves to draw beside ours: HARL's HAPPO read off its figures (MPE in mpe2 units), Kuba et
 # al. 2022 for HalfCheetah 6x1, SMAX MAPPO's final win rates
 HARL_SPREAD = ("HARL HAPPO", {1e6: -51.5, 2e6: -45.5, 5e6: -34.5, 10e6: -28.0})
 ANCHORS = {
@@ -413,6 +413,8 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--reference", default=None, help="benchmark/reference.py's output: scores, and lines at N")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file: give a folder for the per-run files, the table and the figures")
     curves, runs, positions = read_grid(Path(args.grid)) if args.grid else ([], [], [])
     fresh = {(r["setting"], r["variant"], int(r["seed"])) for r in runs}
     for name, rows in (("curves", curves), ("runs", runs), ("positions", positions)):  # the runs the grid lacks

@@ -35,8 +35,8 @@ SETTINGS = {
     "vmas-spread-n3": ("lv_happo_vmas.py", ["--num-agents", "3"]),
     "vmas-spread-n8": ("lv_happo_vmas.py", ["--num-agents", "8"]),
 }
-# the paper's published configurations (SPEC.md), every hyperparameter spelled out so that later changes of the
-# scripts' defaults leave them alone; deterministic evaluation and a checkpoint every 100k steps (25 iterations)
+# the paper's published configurations (its run_config files), every hyperparameter spelled out so that later
+# changes of the scripts' defaults leave them alone; deterministic evaluation and a checkpoint every 100k steps
 PAPER_COMMON = ["--gamma", "0.99", "--gae-lambda", "0.95", "--learning-rate", "5e-4", "--ent-coef", "0.01"]
 PAPER_COMMON += ["--max-grad-norm", "10", "--huber-delta", "10", "--num-minibatches", "1", "--num-envs", "20"]
 PAPER_COMMON += ["--eval-every", "25", "--checkpoint-every", "25"]
@@ -63,8 +63,9 @@ SETTINGS |= {
         + PAPER_COMMON,
     ),
 }
-# the paper's HAPPO / LV-HAPPO pairs on MaMuJoCo (SPEC.md): 10 x 200, every agent sees the state and its id, one
-# joint per agent but Ant 4x2; deterministic evaluation of 10 episodes and a checkpoint every 25 iterations
+# the paper's HAPPO / LV-HAPPO pairs on MaMuJoCo (its mamujoco_10thread configurations): 10 x 200, every agent sees
+# the state and its id, one joint per agent but Ant 4x2; deterministic evaluation of 10 episodes and a checkpoint every
+# 25 iterations
 PAIRS = ["--global-obs", "--agent-obsk", "0", "--num-envs", "10", "--num-steps", "200", "--num-minibatches", "1"]
 PAIRS += ["--gamma", "0.99", "--gae-lambda", "0.95", "--hidden-sizes", "128", "128", "128", "--max-grad-norm", "10"]
 PAIRS += ["--huber-delta", "10", "--max-episode-steps", "1000", "--eval-every", "25", "--eval-episodes", "10"]
@@ -92,7 +93,7 @@ SWIMMER[SWIMMER.index("--hidden-sizes") + 1 : SWIMMER.index("--hidden-sizes") + 
 SWIMMER += ["--learning-rate", "1e-4", "--critic-learning-rate", "1e-4", "--clip-coef", "0.1", "--ent-coef", "1e-5"]
 SWIMMER += ["--update-epochs", "5", "--critic-epochs", "5"]
 SETTINGS["paper-mamujoco-swimmer-20x1"] = ("lv_happo_mamujoco.py", SWIMMER)
-# the paper's shared-parameter SMAC run without a recurrent actor (SPEC.md): one actor at lr 1e-4, the critic at 5e-4
+# the paper's shared-parameter SMAC run without a recurrent actor: one actor at lr 1e-4, the critic at 5e-4
 SHARED_6H = SETTINGS["paper-smax-6h_vs_8z"][1].copy()
 SHARED_6H[SHARED_6H.index("--learning-rate") + 1] = "1e-4"
 SETTINGS["paper-smax-6h_vs_8z-shared"] = (
@@ -198,6 +199,8 @@ def main(argv: list | None = None) -> None:
         parser.error("--workers must be at least 1 and seeds not negative")
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file: give the grid's folder")
     runs = expand(args.settings, args.variants, args.seeds, args.total_timesteps, extra)
     todo = pending(runs, out)
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already done, {len(todo)} to go")
@@ -211,12 +214,16 @@ def main(argv: list | None = None) -> None:
         Path(args.slurm).write_text(slurm_script(todo, out, args.slurm_hours, args.slurm_cpus))
         print(f"wrote {args.slurm}: sbatch {args.slurm}")
         return
+    failed = 0
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
         futures = {pool.submit(run_one, run, out): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
             log = out / run["dir"] / "log.txt"
+            failed += future.result() != 0
             print(f"{run['dir']}: " + ("done" if future.result() == 0 else f"failed, see {log}"))
+    if failed:
+        sys.exit(f"run.py: {failed} of {len(todo)} runs failed (their log.txt says why); launch again to retry them")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def tmp_cwd(tmp_path: Path) -> Path:
     return tmp_path
 
 
-# the logging contract of SPEC.md: every script logs these, and these per position k of the update order
+# the logging contract (the README's table of logged tags): every script logs these, and these per position k of
+# the update order
 CONTRACT = [
     "charts/episodic_return",
     "charts/episodic_length",

@@ -68,6 +68,26 @@ def test_existing_runs_are_skipped(tmp_path, capsys):
     assert "4 runs in the grid, 1 already done, 3 to go" in out and "lv/seed2" not in out
 
 
+def test_a_grid_whose_runs_fail_exits_non_zero(tmp_path, monkeypatch, capsys):
+    stub = tmp_path / "python"  # a stand-in for python that fails every run
+    stub.write_text("#!/bin/bash\nexit 3\n")
+    stub.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stub))
+    grid = tmp_path / "grid"
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--settings", "mpe-spread-n3", "--variants", "lv", "--seeds", "1", "2", "--out", str(grid)])
+    assert "2 of 2 runs failed" in str(exit_.value) and not list(grid.rglob("done"))
+
+
+@pytest.mark.parametrize("main", [run.main, report.main])
+def test_out_of_an_existing_file_is_refused_in_one_line(tmp_path, main, capsys):
+    (tmp_path / "file").write_text("")
+    flags = ["--settings", "mpe-spread-n3", "--dry-run"] if main is run.main else []
+    with pytest.raises(SystemExit) as exit_:
+        main([*flags, "--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
 def test_slurm_script_is_a_job_array_of_the_pending_runs(tmp_path):
     script = tmp_path / "array.sh"
     run.main(

@@ -226,3 +226,24 @@ def test_resume_with_other_flags_is_refused_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     message = f"{checkpoint} was trained with --num-agents None: resume with the run's own flags"
     assert result.stderr.strip().splitlines() == [f"lv_happo_mpe.py: error: {message}"]
+
+
+def test_resume_of_another_scripts_checkpoint_or_of_a_model_writes_nothing(tmp_path):
+    # LV-HATRPO given an LV-HAPPO checkpoint with that run's own flags (down to --exp-name) refuses it, and a saved
+    # model is not a checkpoint: one line each, and the run's folder is as it was
+    flags = [*MPE_FLAGS, "--total-timesteps", str(MPE_BATCH), "--checkpoint-every", "1", "--save-model"]
+    assert run_script("lv_happo_mpe.py", *flags, cwd=tmp_path).returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    before = sorted((path.name, path.stat().st_mtime_ns) for path in run_dir.iterdir())
+    hatrpo_flags = ["--num-envs", "2", "--num-steps", "40", "--total-timesteps", str(MPE_BATCH)]
+    resumes = [
+        ("lv_hatrpo_mpe.py", [*hatrpo_flags, "--exp-name", "lv_happo_mpe"], run_dir / "checkpoint.pt"),
+        ("lv_happo_mpe.py", flags, run_dir / "lv_happo_mpe.cleanrl_model"),
+    ]
+    messages = ["was written by lv_happo_mpe.py: resume it with that script", "is not a checkpoint (a saved model?"]
+    for (script, script_flags, path), message in zip(resumes, messages, strict=True):
+        result = run_script(script, *script_flags, "--resume", str(path), cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in run_dir.iterdir()) == before
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # no new run folder either

@@ -279,18 +279,22 @@ def test_shared_actor_is_one_network_that_every_agent_uses(tmp_cwd):
     assert "differ in size" in flag_error(lv, "--share-actor", "--env-id", "simple_speaker_listener_v4")
 
 
-def test_shared_update_carries_each_agents_ratio_into_the_factor():
-    # the factor after agents (a, b) is r_a * r_b on every sample; the next agent's weight is min(M, 1) (LV-HAPPO)
+def test_a_real_actors_log_ratio_against_its_behaviour_log_probabilities():
+    # an actor's log-ratio on its samples is log pi_now - log pi_behaviour; the product of two ratios 2 and 1/4 is
+    # 1/2, weighted min(M, 1) (LV-HAPPO) or M (HAPPO); the update's KL estimate and clip fraction are logged per agent
     torch.manual_seed(0)
     actor = lv.Actor(4, 2, True, (8,), "sigmoid")
     obs, logs = torch.randn(5, 4), {"approx_kl": [], "clipfrac": []}
     actions = actor.distribution(obs).sample()
     now = actor.distribution(obs).log_prob(actions)
     behaviour_a, behaviour_b = now - torch.log(torch.tensor(2.0)), now + torch.log(torch.tensor(4.0))  # r 2, 1/4
-    factor = torch.ones(5)
-    factor = factor * lv.agent_ratio(actor, (obs, actions, behaviour_a), 0.2, logs)
+    logratio_a = lv.agent_logratio(actor, (obs, actions, behaviour_a))
+    factor = torch.ones(5) * logratio_a.exp()
     torch.testing.assert_close(lv.factor_used(factor, "clipped", 1.0), torch.ones(5))
     torch.testing.assert_close(lv.factor_used(factor, "raw", 1.0), torch.full((5,), 2.0))
-    factor = factor * lv.agent_ratio(actor, (obs, actions, behaviour_b), 0.2, logs)
-    torch.testing.assert_close(factor, torch.full((5,), 0.5))
-    assert logs["clipfrac"] == [1.0, 1.0] and len(logs["approx_kl"]) == 2
+    logratio_b = lv.agent_logratio(actor, (obs, actions, behaviour_b))
+    torch.testing.assert_close(factor * logratio_b.exp(), torch.full((5,), 0.5))
+    lv.log_update(logratio_a, 0.2, logs)
+    lv.log_update(logratio_b, 0.2, logs)
+    assert logs["clipfrac"] == [1.0, 1.0]
+    assert logs["approx_kl"] == pytest.approx([(2 - 1) - math.log(2), (0.25 - 1) - math.log(0.25)])

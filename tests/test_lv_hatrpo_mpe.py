@@ -42,6 +42,55 @@ def test_trpo_step_stays_in_the_trust_region_and_improves(continuous):
     assert after > before
 
 
+def test_conjugate_gradient_solves_a_known_system():
+    # [[4, 1], [1, 3]] x = [1, 2]: x = [1/11, 7/11], reached in 2 steps (the system's size)
+    matrix, g = torch.tensor([[4.0, 1.0], [1.0, 3.0]]), torch.tensor([1.0, 2.0])
+    x = lv.conjugate_gradient(lambda v: matrix @ v, g, iters=10)
+    torch.testing.assert_close(x, torch.tensor([1 / 11, 7 / 11]))
+    assert not torch.allclose(lv.conjugate_gradient(lambda v: matrix @ v, g, iters=1), x)  # one step is not enough
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_full_step_meets_the_kl_bound_to_second_order(continuous):
+    # the first trial, coef 1, is scaled so that the quadratic model's KL is delta: with a small delta and little
+    # damping the true KL is close to it (a full step without the factor 2 gives delta / 2, without the root far off)
+    actor, obs, actions, logprob, advantages, factor = step_batch(continuous)
+    args = parse(lv, "--kl-threshold", "1e-4", "--cg-damping", "1e-3", "--accept-ratio", "1e9")
+    trials = []
+    search = lv.line_search
+    with torch.no_grad():
+        old_dist = actor.distribution(obs)
+
+    def record(trial, expected_improve, args):
+        trials.append(trial(1.0)[0].item())  # the KL of the full step
+        return search(trial, expected_improve, args)
+
+    lv.line_search = record
+    try:
+        lv.trpo_step(actor, obs, actions, logprob, advantages, factor, args)
+    finally:
+        lv.line_search = search
+    assert trials and trials[0] == pytest.approx(1e-4, rel=0.05)  # 0.998 and 0.984 of it here
+    with torch.no_grad():  # nothing accepted (accept ratio 1e9): the old parameters are back
+        assert kl_divergence(old_dist, actor.distribution(obs)).mean().item() == 0.0
+
+
+def test_line_search_rejects_steps_over_the_bound_or_without_improvement_and_backs_off():
+    args = parse(lv, "--kl-threshold", "0.01", "--backtrack-coef", "0.8", "--ls-steps", "10", "--accept-ratio", "0.5")
+    tried = []
+
+    def over_the_bound(coef):  # KL 0.02 coef: under 0.01 from coef 0.5 down; improvement as predicted
+        tried.append(coef)
+        return torch.tensor(0.02 * coef), torch.tensor(coef)
+
+    coef, steps, kl = lv.line_search(over_the_bound, torch.tensor(1.0), args)
+    assert tried == pytest.approx([1.0, 0.8, 0.64, 0.512, 0.4096])  # backed off by 0.8 each time
+    assert (coef, steps, kl) == (pytest.approx(0.4096), 5, pytest.approx(0.008192))
+    # under the bound but never improving, or improving by less than half the prediction: nothing accepted
+    assert lv.line_search(lambda c: (torch.tensor(0.0), torch.tensor(-1.0)), torch.tensor(1.0), args) == (0.0, 10, 0.0)
+    assert lv.line_search(lambda c: (torch.tensor(0.0), torch.tensor(0.4 * c)), torch.tensor(1.0), args)[0] == 0.0
+
+
 @pytest.mark.parametrize("continuous", [True, False])
 def test_trpo_step_without_improvement_keeps_the_parameters(continuous):
     actor, obs, actions, logprob, advantages, factor = step_batch(continuous)
