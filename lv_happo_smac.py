@@ -565,11 +565,22 @@ def load_checkpoint(args: Args) -> dict:
 
 
 def load_model(path: str, actors: nn.ModuleList) -> None:
-    """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that says what does not fit."""
+    """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
     try:
-        actors.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["actors"])
-    except Exception as error:  # torch names the actors missing or extra and the layers of another shape
-        fail(f"{path} does not fit (other env, team size, --share-actor, sizes?): {' '.join(str(error).split()):.300}")
+        theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
+    except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
+        kind = "empty" if os.path.getsize(path) == 0 else "a checkpoint (resume it with --resume)"
+        kind = kind if kind == "empty" or path.endswith(".pt") else "not a model that --save-model wrote"
+        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
+    mine = actors.state_dict()
+    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
+    if count[0] != count[1]:
+        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
+    for name, value in mine.items():
+        if name not in theirs or theirs[name].shape != value.shape:
+            there = tuple(theirs[name].shape) if name in theirs else "missing"
+            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
+    actors.load_state_dict(theirs)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     # a shared actor where the script has one (LV-HATRPO keeps one actor per agent): saved as one, evaluated as one
     flags, batch = TINY[script]
     flags = [*flags, "--eval-episodes", "2", *([] if "hatrpo" in script else ["--share-actor"])]
-    result = run_script(script, *flags, "--total-timesteps", str(batch), "--save-model", cwd=tmp_path)
+    saving = ["--total-timesteps", str(batch), "--save-model", "--checkpoint-every", "1"]
+    result = run_script(script, *flags, *saving, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (model,) = (tmp_path / "runs").glob("*/*.cleanrl_model")
     actors = {name.split(".")[0] for name in torch.load(model, weights_only=True)["actors"]}
@@ -83,11 +84,18 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     result = run_script(script, *other, "--eval-model", str(model), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     misfit = (
-        'Missing key(s) in state_dict: "1.'
+        f"{model} holds 1 actor(s), this run 3 (one with --share-actor, else one per agent)"
         if script == "lv_happo_mpe.py"
-        else 'Unexpected key(s) in state_dict: "0.net.6'
+        else f"{model} does not fit: its 0.net.1.weight is"
     )
     assert misfit in result.stderr, result.stderr
+    # an empty file and a checkpoint are not models: said in plain words
+    (tmp_path / "empty.cleanrl_model").write_bytes(b"")
+    (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    for path, kind in ((tmp_path / "empty.cleanrl_model", "is empty"), (checkpoint, "is a checkpoint")):
+        result = run_script(script, *flags, "--eval-model", str(path), cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path} {kind}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_resume_appends_without_duplicated_steps_after_a_crash(tmp_path):
