@@ -468,6 +468,27 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
     return returns
 
 
+def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
+    """The actors (one per agent, or one for all with --share-actor) and the one each agent acts with."""
+    sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]
+    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
+    return actors.to(device), [actors[0]] * len(obs_dims) if args.share_actor else list(actors)
+
+
+def evaluate_saved_model(args: Args) -> None:
+    """--eval-model: the actors the file holds, in --eval-episodes deterministic episodes (recorded with
+    --capture-video), their returns printed; nothing is trained and nothing else written."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args)()
+    actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
+    env.close()
+    load_model(args.eval_model, actors)
+    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
+    episodic_returns = evaluate(policies, args, device, video_folder)
+    mean, std = np.mean(episodic_returns), np.std(episodic_returns)
+    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+
+
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
     try:
@@ -509,10 +530,13 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if (problem := check_args(args)) is not None:
         fail(problem)
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
+    if args.eval_model:  # evaluate a saved model instead of training
+        sys.exit(evaluate_saved_model(args))
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = 0 if args.eval_model else max(1, args.total_timesteps // args.batch_size)  # 0: no training
+    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
     num_agents_tag = f"_n{args.num_agents or 3}" if args.env_id == "simple_spread_v3" else ""
     run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -532,7 +556,6 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
-    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -547,10 +570,7 @@ if __name__ == "__main__":
     state_dim = envs.single_observation_space["state"].shape[0]
     action_shape = envs.single_action_space.shape  # (num_agents, max_act_dim) or (num_agents,)
 
-    sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]  # one actor, or one each
-    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
-    actors = actors.to(device)
-    policies = [actors[0]] * num_agents if args.share_actor else list(actors)  # agent i acts with policies[i]
+    actors, policies = make_actors(args, obs_dims, act_dims, device)  # agent i acts with policies[i]
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
@@ -684,12 +704,11 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        args.eval_model = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, args.eval_model)
-        print(f"model saved to {args.eval_model}")
-    if args.eval_model is not None:  # the actors the file holds (--eval-model: instead of training)
-        load_model(args.eval_model, actors)
-    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        print(f"model saved to {model_path}")
+        load_model(model_path, actors)  # evaluated from the file, as a user will
+    if args.eval_every or args.save_model or args.capture_video:
         episodic_returns = evaluate(policies, args, device, f"videos/{run_name}" if args.capture_video else None)
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
         mean, std = np.mean(episodic_returns), np.std(episodic_returns)

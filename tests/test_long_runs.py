@@ -71,8 +71,11 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     (model,) = (tmp_path / "runs").glob("*/*.cleanrl_model")
     actors = {name.split(".")[0] for name in torch.load(model, weights_only=True)["actors"]}
     assert (actors == {"0"}) == ("--share-actor" in flags)
+    runs_before = sorted((tmp_path / "runs").iterdir())
     result = run_script(script, *flags, "--eval-model", str(model), "--eval-episodes", "3", cwd=tmp_path)
     assert result.returncode == 0 and "global_step" not in result.stdout, result.stderr  # no iteration ran
+    if script in ("lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py"):  # evaluated before any set-up
+        assert sorted((tmp_path / "runs").iterdir()) == runs_before  # no run folder, no events
     assert re.search(r"^eval: episodic_return -?[\d.]+ ± [\d.]+", result.stdout, re.M), result.stdout
     assert ("win rate" in result.stdout) == (script == "lv_happo_smac.py")
     if script == "lv_happo_smac.py":  # the misfit's check is the shared load_model, tested below on the others

@@ -20,6 +20,7 @@ SHARED = {
     "compute_gae": EVERY,
     "advantages_and_returns": EVERY - {"lv_happo_smac.py"},
     "reached_states": GYM,
+    "evaluate_saved_model": GYM,
     "factor_used": EVERY,
     "actor_loss": {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"},
     "critic_loss": EVERY,
