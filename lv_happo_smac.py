@@ -569,8 +569,11 @@ def load_model(path: str, actors: nn.ModuleList) -> None:
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        kind = "empty" if os.path.getsize(path) == 0 else "a checkpoint (resume it with --resume)"
-        kind = kind if kind == "empty" or path.endswith(".pt") else "not a model that --save-model wrote"
+        if os.path.getsize(path) == 0:
+            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
+        kind = (
+            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
+        )
         fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
     mine = actors.state_dict()
     count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]

@@ -403,13 +403,6 @@ def trpo_step(actor: Actor, obs: Tensor, actions: Tensor, oldlogprob: Tensor, ad
     return 0.0, args.ls_steps, 0.0
 
 
-@torch.no_grad()
-def agent_logratio(actor: nn.Module, samples: tuple) -> Tensor:
-    """log(pi_now / pi_behaviour) of the agent's actions on every sample (obs, actions, behaviour log-probabilities)."""
-    obs, actions, oldlogprob = samples[:3]
-    return actor.distribution(obs).log_prob(actions) - oldlogprob
-
-
 def log_update(logratio: Tensor, clip_coef: float, logs: dict) -> None:
     """An agent's update, measured on its whole batch: the approximate KL(old || new) and the clip fraction."""
     ratio = logratio.exp()
@@ -454,9 +447,10 @@ def update_actors(actors: list, batch: tuple, args: Args, writer, step: int, log
         skipped += result is None
         for name, value in zip(("kl", "line_search_steps", "accepted"), result or (), strict=False):
             writer.add_scalar(f"hatrpo/{name}_{k}", value, step)
-        with torch.no_grad():
-            logs["entropy"].append(actor.distribution(samples[0]).entropy().mean().item())
-        logratio = agent_logratio(actor, samples)
+        with torch.no_grad():  # the new policy once, for its entropy and its ratio
+            dist = actor.distribution(samples[0])
+        logs["entropy"].append(dist.entropy().mean().item())
+        logratio = dist.log_prob(samples[1]) - samples[2]
         log_update(logratio, args.clip_coef, logs)
         logs["policy_loss"].append(-surrogate(samples[2] + logratio, samples[2], b_advantages, m_used).item())
         factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
@@ -545,8 +539,11 @@ def load_model(path: str, actors: nn.ModuleList) -> None:
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        kind = "empty" if os.path.getsize(path) == 0 else "a checkpoint (resume it with --resume)"
-        kind = kind if kind == "empty" or path.endswith(".pt") else "not a model that --save-model wrote"
+        if os.path.getsize(path) == 0:
+            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
+        kind = (
+            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
+        )
         fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
     mine = actors.state_dict()
     count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
@@ -565,7 +562,8 @@ if __name__ == "__main__":
         fail(problem)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
     if args.eval_model:  # evaluate a saved model instead of training
-        sys.exit(evaluate_saved_model(args))
+        evaluate_saved_model(args)
+        sys.exit(0)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)

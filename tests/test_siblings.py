@@ -25,7 +25,7 @@ SHARED = {
     "actor_loss": {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"},
     "critic_loss": EVERY,
     "agent_step": SHARING,
-    "agent_logratio": SHARING | {"lv_hatrpo_mpe.py"},
+    "agent_logratio": SHARING,
     "log_update": SHARING | {"lv_hatrpo_mpe.py"},
     "own_actions": SHARING | {"lv_hatrpo_mpe.py"},
     "update_actors": SHARING,
