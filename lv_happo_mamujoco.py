@@ -157,39 +157,6 @@ def partition(env_id: str, agent_conf: str) -> tuple[list, list, list]:
         return [(joint,) for part in parts for joint in part], edges, globals_
 
 
-def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
-    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
-
-
-def check_args(args: Args) -> Optional[str]:
-    """What is wrong with the flags, as one line that says what to do, or None."""
-    positive = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
-    for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
-        if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in positive else "a finite number, not negative"
-            return f"--{name.replace('_', '-')} must be {words}, got {value}"
-    problems = [
-        (args.env_id not in ENV_IDS, f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
-        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
-        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
-        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.standardize_obs and not args.global_obs, "--standardize-obs acts on --global-obs's vectors: add it"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
-        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
-        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-    ]
-    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
-        return problem
-    try:  # MaMuJoCo's partitions of the task, checked without building the robot
-        partition(args.env_id, args.agent_conf)
-    except Exception as error:
-        return f"{args.env_id} has no partition --agent-conf {args.agent_conf!r} ({error}): see the README's list"
-
-
 class MultiAgentArrays(gym.Env):
     """One MaMuJoCo parallel env as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs`
     (num_agents, max_obs_dim), each agent's local observation (its joints and those within agent_obsk hops,
@@ -544,6 +511,39 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     return skipped
 
 
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in positive else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (args.env_id not in ENV_IDS, f"unknown --env-id {args.env_id!r}: choose one of {', '.join(ENV_IDS)}"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.standardize_obs and not args.global_obs, "--standardize-obs acts on --global-obs's vectors: add it"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+    ]
+    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
+        return problem
+    try:  # MaMuJoCo's partitions of the task, checked without building the robot
+        partition(args.env_id, args.agent_conf)
+    except Exception as error:
+        return f"{args.env_id} has no partition --agent-conf {args.agent_conf!r} ({error}): see the README's list"
+
+
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
     """Team returns of deterministic episodes on an environment of their own, seeded apart from training's."""
     env = make_env(args, "rgb_array")()
@@ -582,6 +582,7 @@ def evaluate_saved_model(args: Args) -> None:
     episodic_returns = evaluate(policies, args, device, video_folder)
     mean, std = np.mean(episodic_returns), np.std(episodic_returns)
     print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+    sys.exit(0)
 
 
 def load_checkpoint(args: Args) -> dict:
@@ -602,26 +603,53 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
+    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
+    if checkpoint is None:
+        return 0, 1
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    np.random.set_state(checkpoint["rng"][0])
+    torch.set_rng_state(checkpoint["rng"][1])
+    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
+    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
+    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
+    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    state = {name: module.state_dict() for name, module in stateful.items()}
+    torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def catch_interrupts() -> list:
+    """SIGINT and SIGTERM land in the list returned: the run stops after the iteration; Ctrl-C again stops at once."""
+    interrupted = []
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return interrupted
+
+
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        if os.path.getsize(path) == 0:
-            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
-        kind = (
-            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
-        )
-        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
-    mine = actors.state_dict()
-    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
-    if count[0] != count[1]:
-        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
-    for name, value in mine.items():
-        if name not in theirs or theirs[name].shape != value.shape:
-            there = tuple(theirs[name].shape) if name in theirs else "missing"
-            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
-    actors.load_state_dict(theirs)
+        kind = "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model of --save-model"
+        fail(f"{path} is {'empty' if os.path.getsize(path) == 0 else kind}: --eval-model takes a .cleanrl_model file")
+    try:
+        actors.load_state_dict(theirs)
+    except RuntimeError as error:  # torch names every missing, unexpected or misshapen tensor, one per line
+        misfits = "; ".join(line.strip(" .\t") for line in str(error).splitlines()[1:])
+        fail(f"{path} does not fit this run (other env, team, sizes, --share-actor?): {misfits:.300}")
 
 
 if __name__ == "__main__":
@@ -630,9 +658,8 @@ if __name__ == "__main__":
         fail(problem)
     os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders off-screen for --capture-video
     check_env(args)
-    if args.eval_model:  # evaluate a saved model instead of training
+    if args.eval_model:  # evaluate a saved model instead of training, and exit
         evaluate_saved_model(args)
-        sys.exit(0)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -688,24 +715,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
-    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
-    if checkpoint is not None:
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        np.random.set_state(checkpoint["rng"][0])
-        torch.set_rng_state(checkpoint["rng"][1])
-        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-
-    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
-
-    def on_signal(signum: int, frame) -> None:
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    global_step, start_iteration = restore(checkpoint, stateful)
+    interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -787,13 +799,9 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(policies, args, device)), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-            state = {name: module.state_dict() for name, module in stateful.items()}
+        if interrupted or due:
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
-            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+            save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
             break
 

@@ -116,34 +116,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
-    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
-
-
-def check_args(args: Args) -> Optional[str]:
-    """What is wrong with the flags, as one line that says what to do, or None."""
-    positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
-    positive = (positive + " critic_learning_rate clip_coef max_grad_norm factor_clip huber_delta").split()
-    for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
-        if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in positive else "a finite number, not negative"
-            return f"--{name.replace('_', '-')} must be {words}, got {value}"
-    problems = [
-        (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
-        (args.share_actor and "listener" in args.env_id, "--share-actor: the speaker and listener differ in size"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
-        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
-        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
-        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
-        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
-        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-    ]
-    return next((message for wrong, message in problems if wrong), None)
-
-
 class MultiAgentArrays(gym.Env):
     """One MPE scenario as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs` (num_agents,
     max_obs_dim), each agent's zero-padded, and `state`; action (num_agents, max_act_dim) floats or (num_agents,)
@@ -450,6 +422,34 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     return skipped
 
 
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
+    positive = (positive + " critic_learning_rate clip_coef max_grad_norm factor_clip huber_delta").split()
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in positive else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
+        (args.share_actor and "listener" in args.env_id, "--share-actor: the speaker and listener differ in size"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+    ]
+    return next((message for wrong, message in problems if wrong), None)
+
+
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
     """Team returns of deterministic episodes on an environment of their own, seeded apart from training's."""
     env = make_env(args, "rgb_array")()
@@ -470,6 +470,8 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
 
 def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
     """The actors (one per agent, or one for all with --share-actor) and the one each agent acts with."""
+    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
+        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
     sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]
     actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
     return actors.to(device), [actors[0]] * len(obs_dims) if args.share_actor else list(actors)
@@ -487,6 +489,7 @@ def evaluate_saved_model(args: Args) -> None:
     episodic_returns = evaluate(policies, args, device, video_folder)
     mean, std = np.mean(episodic_returns), np.std(episodic_returns)
     print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+    sys.exit(0)
 
 
 def load_checkpoint(args: Args) -> dict:
@@ -507,26 +510,53 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
+    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
+    if checkpoint is None:
+        return 0, 1
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    np.random.set_state(checkpoint["rng"][0])
+    torch.set_rng_state(checkpoint["rng"][1])
+    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
+    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
+    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
+    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    state = {name: module.state_dict() for name, module in stateful.items()}
+    torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def catch_interrupts() -> list:
+    """SIGINT and SIGTERM land in the list returned: the run stops after the iteration; Ctrl-C again stops at once."""
+    interrupted = []
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return interrupted
+
+
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        if os.path.getsize(path) == 0:
-            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
-        kind = (
-            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
-        )
-        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
-    mine = actors.state_dict()
-    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
-    if count[0] != count[1]:
-        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
-    for name, value in mine.items():
-        if name not in theirs or theirs[name].shape != value.shape:
-            there = tuple(theirs[name].shape) if name in theirs else "missing"
-            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
-    actors.load_state_dict(theirs)
+        kind = "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model of --save-model"
+        fail(f"{path} is {'empty' if os.path.getsize(path) == 0 else kind}: --eval-model takes a .cleanrl_model file")
+    try:
+        actors.load_state_dict(theirs)
+    except RuntimeError as error:  # torch names every missing, unexpected or misshapen tensor, one per line
+        misfits = "; ".join(line.strip(" .\t") for line in str(error).splitlines()[1:])
+        fail(f"{path} does not fit this run (other env, team, sizes, --share-actor?): {misfits:.300}")
 
 
 if __name__ == "__main__":
@@ -534,9 +564,8 @@ if __name__ == "__main__":
     if (problem := check_args(args)) is not None:
         fail(problem)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
-    if args.eval_model:  # evaluate a saved model instead of training
+    if args.eval_model:  # evaluate a saved model instead of training, and exit
         evaluate_saved_model(args)
-        sys.exit(0)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -591,24 +620,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
-    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
-    if checkpoint is not None:
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        np.random.set_state(checkpoint["rng"][0])
-        torch.set_rng_state(checkpoint["rng"][1])
-        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-
-    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
-
-    def on_signal(signum: int, frame) -> None:
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    global_step, start_iteration = restore(checkpoint, stateful)
+    interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -691,13 +705,9 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(policies, args, device)), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-            state = {name: module.state_dict() for name, module in stateful.items()}
+        if interrupted or due:
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
-            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+            save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
             break
 

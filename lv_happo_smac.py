@@ -117,41 +117,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
-    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
-
-
-def check_args(args: Args) -> Optional[str]:
-    """What is wrong with the flags, as one line that says what to do, or None."""
-    positive = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
-    for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
-        if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in positive else "a finite number, not negative"
-            return f"--{name.replace('_', '-')} must be {words}, got {value}"
-    problems = [
-        (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
-        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
-        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
-        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
-        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-    ]
-    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
-        return problem
-    if args.backend == "sc2" and importlib.util.find_spec("smac") is None:
-        return SC2_INSTALL
-    if args.backend == "smax":  # the maps the backend knows, last: importing jaxmarl takes seconds
-        maps = smax_maps()
-    else:
-        maps = importlib.import_module("smac.env.starcraft2.maps.smac_maps").get_smac_map_registry()
-    if args.env_id not in maps:
-        return f"unknown {args.backend} map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
-
-
 def smax_maps() -> dict:
     """SMAX's scenarios by map name, with SMAC's 8m_vs_9m that it lacks (8 marines, unit type 0, against 9)."""
     import jax.numpy as jnp
@@ -505,12 +470,58 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     return skipped
 
 
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in positive else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+    ]
+    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
+        return problem
+    if args.backend == "sc2" and importlib.util.find_spec("smac") is None:
+        return SC2_INSTALL
+    if args.backend == "smax":  # the maps the backend knows, last: importing jaxmarl takes seconds
+        maps = smax_maps()
+    else:
+        maps = importlib.import_module("smac.env.starcraft2.maps.smac_maps").get_smac_map_registry()
+    if args.env_id not in maps:
+        return f"unknown {args.backend} map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
+
+
 def make_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_dir: str = "") -> Any:
     if args.backend == "smax":
         return SMAXEnvs(args.env_id, num_envs, seed, device, args.max_steps)
     game = importlib.import_module("smac.env").StarCraft2Env
     options = {"map_name": args.env_id, "replay_dir": replay_dir, "continuing_episode": True}  # reports time limits
     return SC2Envs([game(seed=seed + i, **options) for i in range(num_envs)], device)
+
+
+def start_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_dir: str = "") -> tuple:
+    """Environments and their first observations, or one line that says how to install a missing StarCraft II."""
+    try:  # smac launches StarCraft II at a game's first reset
+        envs = make_env(args, num_envs, seed, device, replay_dir)
+        return envs, envs.reset()
+    except Exception as error:  # StarCraft II missing or broken (SMAX's own errors keep their traceback)
+        if args.backend == "sc2":
+            fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
+        raise
 
 
 def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str] = None) -> tuple:
@@ -546,6 +557,34 @@ def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str
     return returns[: args.eval_episodes], wins[: args.eval_episodes]
 
 
+def print_evaluation(returns: list, wins: list) -> None:
+    mean, std, n, win_rate = np.mean(returns), np.std(returns), len(returns), np.mean(wins)
+    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {n} episodes), win rate {win_rate:.2f}")
+
+
+def make_actors(args: Args, envs, device: torch.device) -> tuple[nn.ModuleList, list]:
+    """The actors (one per agent, or one for all with --share-actor, told the agents' ids) and the one each agent
+    acts with."""
+    num_ids = envs.num_agents if args.share_actor else 0
+    sizes = (envs.obs_dim, envs.num_actions, args.hidden_sizes, num_ids)
+    actors = nn.ModuleList(Actor(*sizes) for _ in range(1 if num_ids else envs.num_agents)).to(device)
+    return actors, [actors[0]] * envs.num_agents if args.share_actor else list(actors)
+
+
+def evaluate_saved_model(args: Args) -> None:
+    """--eval-model: the actors the file holds, in --eval-episodes deterministic episodes (a GIF or StarCraft II's
+    replays with --capture-video), their returns and win rate printed; nothing is trained and nothing else written."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
+    num_envs = args.eval_episodes if args.backend == "smax" else 1
+    envs = start_env(args, num_envs, args.seed + 10_000, device, video_folder or "")[0]
+    actors, policies = make_actors(args, envs, device)
+    load_model(args.eval_model, actors)
+    print_evaluation(*evaluate(policies, envs, args, video_folder))
+    envs.close()
+    sys.exit(0)
+
+
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
     try:
@@ -564,26 +603,53 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
+    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
+    if checkpoint is None:
+        return 0, 1
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    np.random.set_state(checkpoint["rng"][0])
+    torch.set_rng_state(checkpoint["rng"][1])
+    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
+    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
+    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
+    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    state = {name: module.state_dict() for name, module in stateful.items()}
+    torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def catch_interrupts() -> list:
+    """SIGINT and SIGTERM land in the list returned: the run stops after the iteration; Ctrl-C again stops at once."""
+    interrupted = []
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return interrupted
+
+
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        if os.path.getsize(path) == 0:
-            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
-        kind = (
-            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
-        )
-        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
-    mine = actors.state_dict()
-    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
-    if count[0] != count[1]:
-        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
-    for name, value in mine.items():
-        if name not in theirs or theirs[name].shape != value.shape:
-            there = tuple(theirs[name].shape) if name in theirs else "missing"
-            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
-    actors.load_state_dict(theirs)
+        kind = "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model of --save-model"
+        fail(f"{path} is {'empty' if os.path.getsize(path) == 0 else kind}: --eval-model takes a .cleanrl_model file")
+    try:
+        actors.load_state_dict(theirs)
+    except RuntimeError as error:  # torch names every missing, unexpected or misshapen tensor, one per line
+        misfits = "; ".join(line.strip(" .\t") for line in str(error).splitlines()[1:])
+        fail(f"{path} does not fit this run (other env, team, sizes, --share-actor?): {misfits:.300}")
 
 
 if __name__ == "__main__":
@@ -595,10 +661,12 @@ if __name__ == "__main__":
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     if (problem := check_args(args)) is not None:
         fail(problem)
+    if args.eval_model:  # evaluate a saved model instead of training, and exit
+        evaluate_saved_model(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = 0 if args.eval_model else max(1, args.total_timesteps // args.batch_size)  # 0: no training
+    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
     run_name = f"{args.env_id}_{args.backend}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
@@ -623,15 +691,9 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # small networks gain little from more
 
     # env setup: SMAX compiles its step here; StarCraft II starts one game per environment
-    try:  # smac launches StarCraft II at a game's first reset
-        envs = make_env(args, args.num_envs, args.seed, device)
-        next_ = envs.reset()
-    except Exception as error:  # StarCraft II missing or broken (SMAX's own errors keep their traceback)
-        if args.backend == "sc2":
-            fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
-        raise
+    envs, next_ = start_env(args, args.num_envs, args.seed, device)
     # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
-    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
+    if args.eval_every or args.save_model or args.capture_video:
         replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
         eval_envs = make_env(
             args, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, device, replays
@@ -639,10 +701,7 @@ if __name__ == "__main__":
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
     critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
 
-    num_ids = num_agents if args.share_actor else 0  # one actor and the agents' ids, or one actor per agent
-    actors = [Actor(obs_dim, num_actions, args.hidden_sizes, num_ids) for _ in range(1 if num_ids else num_agents)]
-    actors = nn.ModuleList(actors).to(device)
-    policies = [actors[0]] * num_agents if args.share_actor else list(actors)  # agent i acts with policies[i]
+    actors, policies = make_actors(args, envs, device)  # agent i acts with policies[i]
     critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
@@ -661,24 +720,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
-    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
-    if checkpoint is not None:
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        np.random.set_state(checkpoint["rng"][0])
-        torch.set_rng_state(checkpoint["rng"][1])
-        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-
-    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
-
-    def on_signal(signum: int, frame) -> None:
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    global_step, start_iteration = restore(checkpoint, stateful)
+    interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -783,13 +827,9 @@ if __name__ == "__main__":
         line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
         print(line, flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-            state = {name: module.state_dict() for name, module in stateful.items()}
+        if interrupted or due:
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
-            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+            save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
             break
 
@@ -800,18 +840,15 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        args.eval_model = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, args.eval_model)
-        print(f"model saved to {args.eval_model}")
-    if args.eval_model is not None:  # the actors the file holds (--eval-model: instead of training)
-        load_model(args.eval_model, actors)
-    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        print(f"model saved to {model_path}")
+        load_model(model_path, actors)  # evaluated from the file, as a user will
+    if args.eval_every or args.save_model or args.capture_video:
         results = evaluate(policies, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
         for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
             writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
-        returns, wins = results
-        mean, std, n, win_rate = np.mean(returns), np.std(returns), len(returns), np.mean(wins)
-        print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {n} episodes), win rate {win_rate:.2f}")
+        print_evaluation(*results)
         eval_envs.close()
 
     writer.close()

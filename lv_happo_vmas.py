@@ -123,34 +123,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
-    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
-
-
-def check_args(args: Args) -> Optional[str]:
-    """What is wrong with the flags, as one line that says what to do, or None."""
-    positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
-    for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
-        if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in positive else "a finite number, not negative"
-            return f"--{name.replace('_', '-')} must be {words}, got {value}"
-    scenarios = sorted(vmas.scenarios + vmas.mpe_scenarios + vmas.debug_scenarios)
-    problems = [
-        (args.env_id not in scenarios, f"unknown VMAS scenario --env-id {args.env_id!r}: choose one of {scenarios}"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
-        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
-        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
-        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
-        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
-        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-    ]
-    return next((message for wrong, message in problems if wrong), None)
-
-
 class VMASEnvs:
     """`num_envs` copies of a VMAS scenario simulated as one batch on `device`, as padded tensors: obs (E, N,
     max_obs_dim), state (E, sum of obs dims), all observations joined (VMAS has no global state); actions (E, N,
@@ -205,6 +177,14 @@ class VMASEnvs:
     def close(self) -> None:  # the renderer's window, if one was opened (the simulator itself is tensors only)
         if self.env.viewer is not None:
             self.env.viewer.close()
+
+
+def make_env(args: Args, num_envs: int, seed: int, device: torch.device) -> VMASEnvs:
+    """A batch of environments, or one line when the scenario refuses the settings (it decides which agent counts)."""
+    try:
+        return VMASEnvs(args, num_envs, seed, device)
+    except (AssertionError, ValueError, TypeError) as error:
+        fail(f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out")
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -442,11 +422,39 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     return skipped
 
 
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in positive else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    scenarios = sorted(vmas.scenarios + vmas.mpe_scenarios + vmas.debug_scenarios)
+    problems = [
+        (args.env_id not in scenarios, f"unknown VMAS scenario --env-id {args.env_id!r}: choose one of {scenarios}"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+    ]
+    return next((message for wrong, message in problems if wrong), None)
+
+
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
     """Team returns of deterministic episodes, one per environment of a batch of their own (video: environment 0)."""
     shared = importlib.import_module("vmas.simulator.environment").Environment.vmas_random_state
     saved = list(shared)  # VMAS keeps one random state for all its environments: put training's back afterwards
-    envs = VMASEnvs(args, args.eval_episodes, args.seed + 10_000, device)
+    envs = make_env(args, args.eval_episodes, args.seed + 10_000, device)
     next_obs, _ = envs.reset()
     episode_returns = torch.zeros(args.eval_episodes, device=device)
     returns = torch.full((args.eval_episodes,), torch.nan, device=device)  # each environment's first episode
@@ -463,6 +471,30 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
     envs.close()
     shared[:] = saved
     return returns.tolist()
+
+
+def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
+    """The actors (one per agent, or one for all with --share-actor) and the one each agent acts with."""
+    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
+        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
+    sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]
+    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
+    return actors.to(device), [actors[0]] * len(obs_dims) if args.share_actor else list(actors)
+
+
+def evaluate_saved_model(args: Args) -> None:
+    """--eval-model: the actors the file holds, in --eval-episodes deterministic episodes (recorded with
+    --capture-video), their returns printed; nothing is trained and nothing else written."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args, 1, args.seed, device)
+    actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
+    env.close()
+    load_model(args.eval_model, actors)
+    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
+    episodic_returns = evaluate(policies, args, device, video_folder)
+    mean, std = np.mean(episodic_returns), np.std(episodic_returns)
+    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+    sys.exit(0)
 
 
 def load_checkpoint(args: Args) -> dict:
@@ -483,36 +515,65 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
+    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
+    if checkpoint is None:
+        return 0, 1
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    np.random.set_state(checkpoint["rng"][0])
+    torch.set_rng_state(checkpoint["rng"][1])
+    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
+    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
+    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
+    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    state = {name: module.state_dict() for name, module in stateful.items()}
+    torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def catch_interrupts() -> list:
+    """SIGINT and SIGTERM land in the list returned: the run stops after the iteration; Ctrl-C again stops at once."""
+    interrupted = []
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return interrupted
+
+
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        if os.path.getsize(path) == 0:
-            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
-        kind = (
-            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
-        )
-        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
-    mine = actors.state_dict()
-    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
-    if count[0] != count[1]:
-        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
-    for name, value in mine.items():
-        if name not in theirs or theirs[name].shape != value.shape:
-            there = tuple(theirs[name].shape) if name in theirs else "missing"
-            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
-    actors.load_state_dict(theirs)
+        kind = "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model of --save-model"
+        fail(f"{path} is {'empty' if os.path.getsize(path) == 0 else kind}: --eval-model takes a .cleanrl_model file")
+    try:
+        actors.load_state_dict(theirs)
+    except RuntimeError as error:  # torch names every missing, unexpected or misshapen tensor, one per line
+        misfits = "; ".join(line.strip(" .\t") for line in str(error).splitlines()[1:])
+        fail(f"{path} does not fit this run (other env, team, sizes, --share-actor?): {misfits:.300}")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if (problem := check_args(args)) is not None:
         fail(problem)
+    if args.eval_model:  # evaluate a saved model instead of training, and exit
+        evaluate_saved_model(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = 0 if args.eval_model else max(1, args.total_timesteps // args.batch_size)  # 0: no training
+    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
@@ -537,19 +598,11 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # small networks gain little from more
 
     # env setup: every environment in one batched simulator on the training device
-    try:  # the scenario itself decides which agent counts it takes
-        envs = VMASEnvs(args, args.num_envs, args.seed, device)
-    except (AssertionError, ValueError, TypeError) as error:
-        fail(f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out")
+    envs = make_env(args, args.num_envs, args.seed, device)
     num_agents, obs_dims, act_dims, state_dim = len(envs.agents), envs.obs_dims, envs.act_dims, envs.state_dim
     action_shape = (num_agents, max(act_dims)) if args.continuous_actions else (num_agents,)
 
-    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
-        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
-    sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]  # one actor, or one each
-    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
-    actors = actors.to(device)
-    policies = [actors[0]] * num_agents if args.share_actor else list(actors)  # agent i acts with policies[i]
+    actors, policies = make_actors(args, obs_dims, act_dims, device)  # agent i acts with policies[i]
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm(args.norm_value).to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
@@ -566,24 +619,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
-    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
-    if checkpoint is not None:
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        np.random.set_state(checkpoint["rng"][0])
-        torch.set_rng_state(checkpoint["rng"][1])
-        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-
-    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
-
-    def on_signal(signum: int, frame) -> None:
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    global_step, start_iteration = restore(checkpoint, stateful)
+    interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -667,13 +705,9 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(policies, args, device)), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-            state = {name: module.state_dict() for name, module in stateful.items()}
+        if interrupted or due:
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
-            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+            save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
             break
 
@@ -684,12 +718,11 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        args.eval_model = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, args.eval_model)
-        print(f"model saved to {args.eval_model}")
-    if args.eval_model is not None:  # the actors the file holds (--eval-model: instead of training)
-        load_model(args.eval_model, actors)
-    if args.eval_every or args.eval_model or args.save_model or args.capture_video:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        print(f"model saved to {model_path}")
+        load_model(model_path, actors)  # evaluated from the file, as a user will
+    if args.eval_every or args.save_model or args.capture_video:
         episodic_returns = evaluate(policies, args, device, f"videos/{run_name}" if args.capture_video else None)
         writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
         mean, std = np.mean(episodic_returns), np.std(episodic_returns)

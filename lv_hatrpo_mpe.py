@@ -123,35 +123,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
-    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
-
-
-def check_args(args: Args) -> Optional[str]:
-    """What is wrong with the flags, as one line that says what to do, or None."""
-    positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta").split()
-    positive += ["critic_learning_rate", "kl_threshold", "cg_iters", "ls_steps", "backtrack_coef"]
-    for name, value in vars(args).items():
-        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
-        if wrong or (isinstance(value, float) and not math.isfinite(value)):
-            words = "a positive number" if name in positive else "a finite number, not negative"
-            return f"--{name.replace('_', '-')} must be {words}, got {value}"
-    problems = [
-        (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
-        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
-        (max(args.accept_ratio, args.backtrack_coef) > 1, "--accept-ratio and --backtrack-coef must lie in [0, 1]"),
-        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
-        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
-        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
-        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
-        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
-        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-    ]
-    return next((message for wrong, message in problems if wrong), None)
-
-
 class MultiAgentArrays(gym.Env):
     """One MPE scenario as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs` (num_agents,
     max_obs_dim), each agent's zero-padded, and `state`; action (num_agents, max_act_dim) floats or (num_agents,)
@@ -168,23 +139,21 @@ class MultiAgentArrays(gym.Env):
         )
         self.render_mode, self.continuous = render_mode, args.continuous_actions
         self.agents = list(self.env.possible_agents)
+        n = len(self.agents)
         self.act_spaces = [self.env.action_space(a) for a in self.agents]
         self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
         self.act_dims = [s.shape[0] if self.continuous else int(s.n) for s in self.act_spaces]
-        n = len(self.agents)
         obs_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.obs_dims)), np.float32)
         state_space = gym.spaces.Box(-np.inf, np.inf, self.env.state_space.shape, np.float32)
         self.observation_space = gym.spaces.Dict({"obs": obs_space, "state": state_space})
-        if self.continuous:
-            self.action_space = gym.spaces.Box(-np.inf, np.inf, (n, max(self.act_dims)), np.float32)
-        else:
-            self.action_space = gym.spaces.MultiDiscrete(self.act_dims)
+        box = gym.spaces.Box(-np.inf, np.inf, (n, max(self.act_dims)), np.float32)
+        self.action_space = box if self.continuous else gym.spaces.MultiDiscrete(self.act_dims)
 
     def _arrays(self) -> dict:
         obs = [self.env.observe(agent) for agent in self.agents]
         padded = np.zeros(self.observation_space["obs"].shape, np.float32)
         for i, agent_obs in enumerate(obs):
-            padded[i, : self.obs_dims[i]] = agent_obs
+            padded[i, : len(agent_obs)] = agent_obs
         # MPE's env.state() is the agents' observations joined: joining the ones at hand spares computing them again
         return {"obs": padded, "state": np.concatenate(obs, dtype=np.float32)}
 
@@ -457,6 +426,35 @@ def update_actors(actors: list, batch: tuple, args: Args, writer, step: int, log
     return skipped
 
 
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta").split()
+    positive += ["critic_learning_rate", "kl_threshold", "cg_iters", "ls_steps", "backtrack_coef"]
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in positive else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (max(args.accept_ratio, args.backtrack_coef) > 1, "--accept-ratio and --backtrack-coef must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
+        (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+    ]
+    return next((message for wrong, message in problems if wrong), None)
+
+
 def critic_loss(
     newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
 ) -> Tensor:
@@ -514,6 +512,7 @@ def evaluate_saved_model(args: Args) -> None:
     episodic_returns = evaluate(policies, args, device, video_folder)
     mean, std = np.mean(episodic_returns), np.std(episodic_returns)
     print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+    sys.exit(0)
 
 
 def load_checkpoint(args: Args) -> dict:
@@ -534,26 +533,53 @@ def load_checkpoint(args: Args) -> dict:
     return checkpoint
 
 
+def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
+    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
+    if checkpoint is None:
+        return 0, 1
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    np.random.set_state(checkpoint["rng"][0])
+    torch.set_rng_state(checkpoint["rng"][1])
+    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
+    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
+    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
+    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    state = {name: module.state_dict() for name, module in stateful.items()}
+    torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def catch_interrupts() -> list:
+    """SIGINT and SIGTERM land in the list returned: the run stops after the iteration; Ctrl-C again stops at once."""
+    interrupted = []
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return interrupted
+
+
 def load_model(path: str, actors: nn.ModuleList) -> None:
     """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        if os.path.getsize(path) == 0:
-            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
-        kind = (
-            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
-        )
-        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
-    mine = actors.state_dict()
-    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
-    if count[0] != count[1]:
-        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
-    for name, value in mine.items():
-        if name not in theirs or theirs[name].shape != value.shape:
-            there = tuple(theirs[name].shape) if name in theirs else "missing"
-            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
-    actors.load_state_dict(theirs)
+        kind = "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model of --save-model"
+        fail(f"{path} is {'empty' if os.path.getsize(path) == 0 else kind}: --eval-model takes a .cleanrl_model file")
+    try:
+        actors.load_state_dict(theirs)
+    except RuntimeError as error:  # torch names every missing, unexpected or misshapen tensor, one per line
+        misfits = "; ".join(line.strip(" .\t") for line in str(error).splitlines()[1:])
+        fail(f"{path} does not fit this run (other env, team, sizes, --share-actor?): {misfits:.300}")
 
 
 if __name__ == "__main__":
@@ -561,9 +587,8 @@ if __name__ == "__main__":
     if (problem := check_args(args)) is not None:
         fail(problem)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
-    if args.eval_model:  # evaluate a saved model instead of training
+    if args.eval_model:  # evaluate a saved model instead of training, and exit
         evaluate_saved_model(args)
-        sys.exit(0)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
@@ -616,24 +641,9 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
-    checkpoint_path, global_step, start_iteration = f"runs/{run_name}/checkpoint.pt", 0, 1
-    if checkpoint is not None:
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        np.random.set_state(checkpoint["rng"][0])
-        torch.set_rng_state(checkpoint["rng"][1])
-        torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-
-    interrupted = []  # SIGINT or SIGTERM: stop after this iteration, write a checkpoint, say how to resume
-
-    def on_signal(signum: int, frame) -> None:
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    global_step, start_iteration = restore(checkpoint, stateful)
+    interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
     start_time, start_step = time.time(), global_step
@@ -712,13 +722,9 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
-        if interrupted or due:  # to a temporary file renamed over the last: a crash mid-write leaves that whole
-            rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
-            state = {name: module.state_dict() for name, module in stateful.items()}
+        if interrupted or due:
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            progress["script"] = os.path.basename(__file__)  # a resume by another script is refused
-            torch.save(state | progress | {"rng": rng}, f"{checkpoint_path}.tmp")
-            os.replace(f"{checkpoint_path}.tmp", checkpoint_path)
+            save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
             break
 

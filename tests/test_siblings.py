@@ -37,7 +37,12 @@ SHARED = {
     "act": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "evaluate": GYM - {"lv_happo_mamujoco.py"},
     "load_checkpoint": EVERY,
+    "restore": EVERY,
+    "save_checkpoint": EVERY,
+    "catch_interrupts": EVERY,
     "load_model": EVERY,
+    "make_actors": {"lv_happo_mpe.py", "lv_happo_vmas.py"},
+    "MultiAgentArrays": {"lv_happo_mpe.py"},
 }
 DIFFERENT = {
     (
@@ -63,6 +68,13 @@ DIFFERENT = {
     ("evaluate", "lv_happo_smac.py"): "win rates, SMAX games in parallel or one StarCraft II game",
     ("evaluate", "lv_happo_mamujoco.py"): "the actors stacked once for act's vmapped pass (17 and 20 agents)",
     ("evaluate", "lv_happo_vmas.py"): "one batch of episodes, VMAS's shared random state",
+    ("evaluate_saved_model", "lv_happo_vmas.py"): "the sizes from one batched environment, not a thunk's",
+    ("evaluate_saved_model", "lv_happo_smac.py"): "win rates, from the batched evaluation environments",
+    ("make_actors", "lv_hatrpo_mpe.py"): "no shared actor: one trust-region step per agent",
+    ("make_actors", "lv_happo_mamujoco.py"): "Gaussian actors only",
+    ("make_actors", "lv_happo_smac.py"): "every SMAX agent of a map has one size; a shared actor is told the ids",
+    ("MultiAgentArrays", "lv_happo_mamujoco.py"): "MaMuJoCo's parallel env, its partitions and observation options",
+    ("MultiAgentArrays", "lv_hatrpo_mpe.py"): "no shared actor, so no one-hot id (tested below)",
 }
 # the set-up of the main block, in CleanRL's order
 SETUP = [
@@ -121,3 +133,20 @@ def test_main_block_sets_up_in_the_same_order(script):
     assert positions == sorted(positions), [
         marker for marker, _ in sorted(zip(SETUP, positions, strict=True), key=lambda p: p[1])
     ]
+
+
+def test_mpe_arrays_differ_only_by_the_id():
+    """LV-HATRPO has no shared actor: its MultiAgentArrays is LV-HAPPO's without the one-hot id, line for line."""
+    happo = pieces("lv_happo_mpe.py")["MultiAgentArrays"].splitlines()
+    id_lines = [line for line in happo if "if self.share_actor:" in line or "np.eye(len(obs))" in line]
+    assert len(id_lines) == 2
+    happo = "\n".join(line for line in happo if line not in id_lines) + "\n"
+    without_id = {
+        ", self.share_actor = render_mode, args.continuous_actions, args.share_actor": " = render_mode, "
+        "args.continuous_actions",
+        " + n * self.share_actor for a in self.agents]  # + id": " for a in self.agents]",
+    }
+    for mine, theirs in without_id.items():
+        assert mine in happo, mine
+        happo = happo.replace(mine, theirs)
+    assert happo == pieces("lv_hatrpo_mpe.py")["MultiAgentArrays"]
