@@ -342,6 +342,23 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+@torch.no_grad()
+def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
+    """GAE advantages, value targets (advantages + values) and values, each (T, E, C) with C = N agents (FP) or 1
+    (EP), and the critic's inputs (T, E, C, critic_input_dim), from the rollout's states and observations, the ones
+    its steps reached, rewards, terminations and dones: a state reached by a termination is worth 0, a truncated
+    episode bootstraps from its final state. The value normalization takes on the new targets."""
+    states, obs, final_states, final_obs, rewards, terminations, dones = rollout
+    critic_in = critic_inputs(states, obs, args.state_type)
+    values = value_norm.denormalize(critic(critic_in).squeeze(-1))
+    next_in = critic_inputs(final_states, final_obs, args.state_type)
+    next_values = value_norm.denormalize(critic(next_in).squeeze(-1)) * (1.0 - terminations[..., None])
+    advantages = compute_gae(rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda)
+    returns = advantages + values
+    value_norm.update(returns)
+    return advantages, returns, values, critic_in
+
+
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
     if mode == "none":
@@ -763,18 +780,10 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_length", episodic_length, global_step)
             episode_returns, episode_lengths = episode_returns * ~done, episode_lengths * ~done
 
-        # bootstrap value if not done: values (T, E, C), C = N agents (FP) or 1 (EP)
+        # bootstrap value if not done
         update_start = time.time()
-        with torch.no_grad():
-            critic_in = critic_inputs(states, obs, args.state_type)  # (T, E, C, critic_input_dim)
-            values = value_norm.denormalize(critic(critic_in).squeeze(-1))  # (T, E, C)
-            next_in = critic_inputs(final_states, final_obs, args.state_type)  # of the states the steps reached
-            next_values = value_norm.denormalize(critic(next_in).squeeze(-1)) * (1.0 - terminations[..., None])
-            advantages = compute_gae(
-                rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda
-            )
-            returns = advantages + values
-            value_norm.update(returns)
+        rollout = (states, obs, final_states, final_obs, rewards, terminations, dones)
+        advantages, returns, values, critic_in = advantages_and_returns(critic, value_norm, rollout, args)
 
         b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avails, actions, logprobs))
         b_active, b_critic_in = active_masks.flatten(0, 1), critic_in.flatten(0, 1)

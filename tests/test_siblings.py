@@ -49,6 +49,7 @@ DIFFERENT = {
         "actor_loss",
         "lv_hatrpo_mpe.py",
     ): "a trust-region step on the linear surrogate instead (`surrogate`, `trpo_step`)",
+    ("advantages_and_returns", "lv_happo_smac.py"): "a value per agent with the FP state; returns the critic's inputs",
     ("actor_loss", "lv_happo_smac.py"): "a mean over the alive agents' samples only (dead agents are masked out)",
     ("update_actors", "lv_hatrpo_mpe.py"): "one trust-region step per agent (trpo_step), not epochs of clipped steps",
     ("update_actors", "lv_happo_smac.py"): "available actions and alive masks in the batch; a dead agent's ratio is 1",
