@@ -660,13 +660,21 @@ def load_model(path: str, actors: nn.ModuleList) -> None:
     try:
         theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
     except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        kind = "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model of --save-model"
-        fail(f"{path} is {'empty' if os.path.getsize(path) == 0 else kind}: --eval-model takes a .cleanrl_model file")
-    try:
-        actors.load_state_dict(theirs)
-    except RuntimeError as error:  # torch names every missing, unexpected or misshapen tensor, one per line
-        misfits = "; ".join(line.strip(" .\t") for line in str(error).splitlines()[1:])
-        fail(f"{path} does not fit this run (other env, team, sizes, --share-actor?): {misfits:.300}")
+        if os.path.getsize(path) == 0:
+            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
+        kind = (
+            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
+        )
+        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
+    mine = actors.state_dict()
+    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
+    if count[0] != count[1]:
+        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
+    for name, value in mine.items():
+        if name not in theirs or theirs[name].shape != value.shape:
+            there = tuple(theirs[name].shape) if name in theirs else "missing"
+            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
+    actors.load_state_dict(theirs)
 
 
 if __name__ == "__main__":
