@@ -62,6 +62,12 @@ SETTINGS |= {
         + ["--critic-epochs", "5", "--clip-coef", "0.2", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32"]
         + PAPER_COMMON,
     ),
+    "paper-smax-27m_vs_30m": (  # recurrent, gamma 0.95, clip 0.05: 27 agents updated one after another
+        "lv_happo_smac_rnn.py",
+        ["--env-id", "27m_vs_30m", "--state-type", "FP", "--num-steps", "160", "--update-epochs", "5"]
+        + ["--critic-epochs", "5", "--clip-coef", "0.05", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32"]
+        + ["--data-chunk-length", "10", "--gamma", "0.95", *PAPER_COMMON[2:]],
+    ),
 }
 # the paper's HAPPO / LV-HAPPO pairs on MaMuJoCo (its mamujoco_10thread configurations): 10 x 200, every agent sees
 # the state and its id, one joint per agent but Ant 4x2; deterministic evaluation of 10 episodes and a checkpoint every

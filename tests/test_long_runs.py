@@ -19,6 +19,10 @@ TINY = {
         80,
     ),
     "lv_happo_smac.py": (["--num-envs", "4", "--num-steps", "20", "--update-epochs", "2"], 80),
+    "lv_happo_smac_rnn.py": (
+        ["--num-envs", "4", "--num-steps", "20", "--update-epochs", "2", "--data-chunk-length", "5"],
+        80,
+    ),
     "lv_happo_vmas.py": (["--max-steps", "8", "--num-envs", "8", "--num-steps", "10", "--update-epochs", "2"], 80),
 }
 COMPARED = [
@@ -76,8 +80,8 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     assert result.returncode == 0 and "global_step" not in result.stdout, result.stderr  # no iteration ran
     assert sorted((tmp_path / "runs").iterdir()) == runs_before  # evaluated before any set-up: no run folder, no events
     assert re.search(r"^eval: episodic_return -?[\d.]+ ± [\d.]+", result.stdout, re.M), result.stdout
-    assert ("win rate" in result.stdout) == (script == "lv_happo_smac.py")
-    if script == "lv_happo_smac.py":  # the misfit's check is the shared load_model, tested below on the others
+    assert ("win rate" in result.stdout) == script.startswith("lv_happo_smac")
+    if script.startswith("lv_happo_smac"):  # the misfit's check is the shared load_model, tested below on the others
         return
     # a model of other layer sizes, or of one actor where each agent has its own: one line that names the misfit
     other = (

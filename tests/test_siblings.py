@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_smac.py", "lv_happo_vmas.py"]
+SCRIPTS.append("lv_happo_smac_rnn.py")  # the SMAC script with recurrent actors and critic
 EVERY = set(SCRIPTS)
 SHARING = {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"}  # the update's pieces, without masks
 GYM = {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_mamujoco.py"}  # gymnasium's vector API, one env per thunk
@@ -18,7 +19,7 @@ SHARED = {
     "mlp": EVERY,
     "ValueNorm": EVERY,
     "compute_gae": EVERY,
-    "advantages_and_returns": EVERY - {"lv_happo_smac.py"},
+    "advantages_and_returns": EVERY - {"lv_happo_smac.py", "lv_happo_smac_rnn.py"},
     "reached_states": GYM,
     "evaluate_saved_model": GYM,
     "factor_used": EVERY,
@@ -76,6 +77,37 @@ DIFFERENT = {
     ("make_actors", "lv_happo_smac.py"): "every SMAX agent of a map has one size; a shared actor is told the ids",
     ("MultiAgentArrays", "lv_happo_mamujoco.py"): "MaMuJoCo's parallel env, its partitions and observation options",
     ("MultiAgentArrays", "lv_hatrpo_mpe.py"): "no shared actor, so no one-hot id (tested below)",
+    (
+        "advantages_and_returns",
+        "lv_happo_smac_rnn.py",
+    ): "one pass of the recurrent critic over the rollout, from its first hidden state",
+    (
+        "actor_loss",
+        "lv_happo_smac_rnn.py",
+    ): "as lv_happo_smac.py's (test_the_recurrent_smac_script_shares_the_smac_pieces)",
+    (
+        "log_update",
+        "lv_happo_smac_rnn.py",
+    ): "as lv_happo_smac.py's (test_the_recurrent_smac_script_shares_the_smac_pieces)",
+    (
+        "make_env",
+        "lv_happo_smac_rnn.py",
+    ): "as lv_happo_smac.py's (test_the_recurrent_smac_script_shares_the_smac_pieces)",
+    (
+        "make_actors",
+        "lv_happo_smac_rnn.py",
+    ): "as lv_happo_smac.py's (test_the_recurrent_smac_script_shares_the_smac_pieces)",
+    (
+        "evaluate_saved_model",
+        "lv_happo_smac_rnn.py",
+    ): "as lv_happo_smac.py's (test_the_recurrent_smac_script_shares_the_smac_pieces)",
+    ("Actor", "lv_happo_smac_rnn.py"): "recurrent: a GRU cell after the MLP base, hidden states in and out",
+    ("act", "lv_happo_smac_rnn.py"): "carries each agent's hidden state and resets it where an episode began",
+    ("agent_step", "lv_happo_smac_rnn.py"): "on chunks of steps, each from its stored hidden state",
+    ("agent_logratio", "lv_happo_smac_rnn.py"): "over the whole rollout from the rollout's first hidden state",
+    ("evaluate", "lv_happo_smac_rnn.py"): "carries the actors' hidden states through each episode",
+    ("update_actors", "lv_happo_smac_rnn.py"): "in chunks; the carry from a pass over the whole rollout",
+    ("update_shared_actor", "lv_happo_smac_rnn.py"): "in chunks; the carry from a pass over the whole rollout",
 }
 # the set-up of the main block, in CleanRL's order
 SETUP = [
@@ -151,3 +183,12 @@ def test_mpe_arrays_differ_only_by_the_id():
         assert mine in happo, mine
         happo = happo.replace(mine, theirs)
     assert happo == pieces("lv_hatrpo_mpe.py")["MultiAgentArrays"]
+
+
+SMAC_PIECES = ["smax_maps", "SMAXEnvs", "SC2Envs", "critic_inputs", "masked_mean", "actor_loss", "log_update"]
+SMAC_PIECES += ["make_env", "start_env", "print_evaluation", "make_actors", "evaluate_saved_model"]
+
+
+@pytest.mark.parametrize("name", SMAC_PIECES)
+def test_the_recurrent_smac_script_shares_the_smac_pieces(name):
+    assert pieces("lv_happo_smac_rnn.py")[name] == pieces("lv_happo_smac.py")[name], f"{name}: copy one to the other"

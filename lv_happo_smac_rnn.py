@@ -1,0 +1,935 @@
+# lv_happo_smac_rnn.py: LV-HAPPO on SMAC with recurrent (GRU) actors and critic. Docs: docs/lv_happo_smac_rnn.md
+import importlib.util
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch import Tensor
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+SC2_INSTALL = "the sc2 backend needs StarCraft II and smac: unzip SC2.4.10.zip from github.com/Blizzard/s2client-proto,"
+SC2_INSTALL += " set SC2PATH, copy SMAC_Maps into StarCraftII/Maps, pip install git+https://github.com/oxwhirl/smac.git"
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (SMAX steps there too when jax has a GPU backend); CPU with a warning if none"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "lv-marl"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, record evaluation episodes under `videos/{run_name}`: a GIF (smax) or StarCraft II replays (sc2)"""
+    save_model: bool = False
+    """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
+    eval_model: Optional[str] = None
+    """evaluate this saved model (a `.cleanrl_model` of --save-model) in --eval-episodes episodes, without training"""
+    checkpoint_every: int = 0
+    """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
+    resume: Optional[str] = None
+    """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
+
+    # Algorithm specific arguments
+    env_id: str = "3m"
+    """the map: a SMAX map (3m, 2s3z, 3s5z, 5m_vs_6m, 3s5z_vs_3s6z, 27m_vs_30m, 6h_vs_8z, ...) or a SMAC map (sc2)"""
+    backend: Literal["smax", "sc2"] = "smax"
+    """`smax`: JaxMARL's SMAX, jit-compiled and vmapped over the environments; `sc2`: StarCraft II via smac"""
+    max_steps: Optional[int] = None
+    """the time limit of a SMAX game in steps (SMAX's 100 on every map when not given; SMAC maps set their own)"""
+    state_type: Literal["FP", "EP"] = "FP"
+    """the critic's input: `FP` state, agent's observation and id (a value, an advantage per agent); `EP` the state"""
+    total_timesteps: int = 2_000_000
+    """total joint environment steps of the experiment"""
+    learning_rate: float = 5e-4
+    """the learning rate of the actors' optimizers (and of the critic's, without --critic-learning-rate)"""
+    critic_learning_rate: Optional[float] = None
+    """the learning rate of the critic's optimizer (default: --learning-rate)"""
+    anneal_lr: bool = False
+    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
+    num_envs: int = 32
+    """the number of parallel environments (SMAX: vmapped in one call; sc2: one StarCraft II process each)"""
+    num_steps: int = 100
+    """the number of steps to run in each environment per policy rollout"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 1
+    """the number of mini-batches per epoch (actors and critic)"""
+    update_epochs: int = 5
+    """the number of epochs of each actor's update"""
+    critic_epochs: int = 5
+    """the number of epochs of the critic's update"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient (also clips the value loss)"""
+    clip_vloss: bool = True
+    """if toggled, use the clipped value loss"""
+    huber_delta: Optional[float] = 10.0
+    """the delta of the critic's Huber loss (`None` for the squared error)"""
+    norm_value: bool = True
+    """if toggled, normalize the value targets with running statistics"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
+    max_grad_norm: float = 10.0
+    """the maximum norm for the gradient clipping"""
+    hidden_sizes: tuple[int, ...] = (64, 64, 64)
+    """the hidden layer sizes of the actors' and the critic's MLP base (the GRU's size is the last)"""
+    data_chunk_length: int = 10
+    """the length of the chunks of steps the actors and the critic train on, each from its stored hidden state"""
+    factor: Literal["clipped", "raw", "none"] = "clipped"
+    """the factor M of a later agent's advantage: `clipped` min(M, c) LV-HAPPO, `raw` HAPPO, `none` (M = 1) MAPPO"""
+    factor_clip: float = 1.0
+    """the upper bound c of the clipped factor"""
+    fixed_order: bool = False
+    """if toggled, update the agents in their fixed order instead of a random permutation per iteration"""
+    share_actor: bool = False
+    """if toggled, one actor for all agents (their observation and a one-hot id), updated as in the paper's code"""
+    eval_every: int = 0
+    """evaluate every this many iterations and at the end, logged as `eval/episodic_return` (0: never)"""
+    eval_episodes: int = 32
+    """the number of deterministic evaluation episodes (--eval-every, --eval-model, --save-model, --capture-video)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def smax_maps() -> dict:
+    """SMAX's scenarios by map name, with SMAC's 8m_vs_9m that it lacks (8 marines, unit type 0, against 9)."""
+    import jax.numpy as jnp
+    from jaxmarl.environments.smax import smax_env
+
+    smax_env.register_scenario("8m_vs_9m", smax_env.Scenario(jnp.zeros(17, jnp.uint8), 8, 9, False, False))
+    return smax_env.MAP_NAME_TO_SCENARIO
+
+
+RESET_KEYS = ("obs", "state", "avail", "active")  # what both backends' reset() returns; step() adds the rest
+STEP_KEYS = RESET_KEYS + ("reward", "terminated", "truncated", "won", "final_obs", "final_state", "restarted")
+
+
+class SMAXEnvs:
+    """`num_envs` SMAX games (JaxMARL's HeuristicEnemySMAX) stepped by one jitted, vmapped function, arrays passed
+    to torch by DLPack. Both backends return dicts of tensors: `obs` (E, N, obs_dim), `state`, `avail` (E, N, A),
+    `active` (E, N) 1 for living agents; `step` adds `reward`, `terminated` (a side is wiped out), `truncated` (time
+    limit), `won`, `restarted` (E,), and `final_obs`, `final_state` before a finished game restarts in place."""
+
+    def __init__(self, map_name: str, num_envs: int, seed: int, device: torch.device, max_steps: Optional[int] = None):
+        import jax
+        import jax.numpy as jnp
+        from jaxmarl import make
+
+        self.jax, self.jnp, self.device, self.num_envs = jax, jnp, device, num_envs
+        limit = {} if max_steps is None else {"max_steps": max_steps}  # SMAX's own (100 steps) otherwise
+        self.env = env = make("HeuristicEnemySMAX", scenario=smax_maps()[map_name], **limit)
+        self.num_agents = n = env.num_agents
+        self.obs_dim = env.observation_spaces[env.agents[0]].shape[0]
+        self.num_actions = int(env.action_spaces[env.agents[0]].n)
+
+        def observe(state) -> tuple:
+            obs, avail = env.get_obs(state), env.get_avail_actions(state)
+            obs, avail = jnp.stack([obs[a] for a in env.agents]), jnp.stack([avail[a] for a in env.agents]).astype(bool)
+            return obs, env.get_world_state(state), avail, state.state.unit_alive[:n].astype(jnp.float32)
+
+        def reset(key):
+            state = env.reset(key)[1]
+            return state, observe(state)
+
+        def step(key, state, action):
+            key_step, key_reset = jax.random.split(key)
+            _, state, rewards, dones, _ = env.step_env(key_step, state, dict(zip(env.agents, action, strict=True)))
+            allies_alive, enemies_alive = state.state.unit_alive[:n].any(), state.state.unit_alive[n:].any()
+            terminated = ~(allies_alive & enemies_alive)
+            final_obs, final_state = observe(state)[:2]
+            reset_state = env.reset(key_reset)[1]  # a finished game restarts in the same step
+            state = jax.tree.map(lambda r, s: jnp.where(dones["__all__"], r, s), reset_state, state)
+            ends = (terminated, dones["__all__"] & ~terminated, allies_alive & ~enemies_alive)
+            restarted = jnp.zeros((), bool)  # only a StarCraft II process crashes
+            return state, (*observe(state), rewards[env.agents[0]], *ends, final_obs, final_state, restarted)
+
+        def env_keys(key) -> jax.Array:  # the games' keys in the call made with `key` (and in the GIF's replay)
+            return jax.random.split(jax.random.split(key)[1], num_envs)
+
+        def many(fn: Callable) -> Callable:  # vmapped over environments, each with its own key; returns the next key
+            return jax.jit(lambda key, *xs: (jax.random.split(key)[0], *jax.vmap(fn)(env_keys(key), *xs)))
+
+        self._reset, self._step, self.env_keys = many(reset), many(step), env_keys
+        self.state_dim = env.state_size
+        self.step(self.reset(seed)["avail"].float().argmax(-1))  # compiles both now, not inside the first iteration
+
+    def _to_torch(self, arrays: tuple, names: tuple) -> dict:
+        return {name: torch.from_dlpack(x).to(self.device) for name, x in zip(names, arrays, strict=True)}
+
+    def reset(self, seed: Optional[int] = None) -> dict:
+        self.key = self.key if seed is None else self.jax.random.PRNGKey(seed)
+        self.key, self.states, arrays = self._reset(self.key)
+        return self._to_torch(arrays, RESET_KEYS)
+
+    def step(self, actions: Tensor) -> dict:
+        action = self.jnp.asarray(actions.cpu().numpy())  # a few bytes: through host memory, whatever the devices
+        self.key, self.states, arrays = self._step(self.key, self.states, action)
+        return self._to_torch(arrays, STEP_KEYS)
+
+    def replay_step(self, actions: Tensor) -> tuple:
+        """Game 0's coming step as JaxMARL's visualizer replays it: the game's key, state and actions."""
+        key = self.env_keys(self.key)[0]
+        action = dict(zip(self.env.agents, self.jnp.asarray(actions[0].cpu().numpy()), strict=True))
+        return key, self.jax.tree.map(lambda x: x[0], self.states), action
+
+    def close(self) -> None:
+        pass
+
+
+class SC2Envs:
+    """StarCraft II games (smac's StarCraft2Env, or stand-ins), stepped in turn, with the interface of SMAXEnvs. smac
+    starts a game whose process crashed again: its episode is lost (a truncation, not counted as an episode)."""
+
+    def __init__(self, games: list, device: torch.device):
+        self.games, self.device, self.num_envs = games, device, len(games)
+        info = self.games[0].get_env_info()
+        self.num_agents, self.num_actions = info["n_agents"], info["n_actions"]
+        self.obs_dim, self.state_dim = info["obs_shape"], info["state_shape"]
+
+    def _observe(self, i: int) -> tuple:
+        game = self.games[i]
+        avail = np.array(game.get_avail_actions(), dtype=bool)
+        alive = ~(avail[:, 0] & (avail.sum(-1) == 1))  # smac: the no-op (action 0) is a dead agent's only action
+        return np.array(game.get_obs(), np.float32), np.array(game.get_state(), np.float32), avail, alive
+
+    def _batch(self, rows: list, names: tuple) -> dict:
+        columns = [torch.as_tensor(np.stack(column), device=self.device) for column in zip(*rows, strict=True)]
+        return dict(zip(names, columns, strict=True))
+
+    def reset(self, seed: Optional[int] = None) -> dict:  # StarCraft II takes its seeds when a game starts
+        for game in self.games:
+            game.reset()
+        self.last = [self._observe(i) for i in range(len(self.games))]
+        return self._batch(self.last, RESET_KEYS)
+
+    def step(self, actions: Tensor) -> dict:
+        rows = []
+        for i, action in enumerate(actions.cpu().numpy()):
+            reward, done, info = self.games[i].step(action.tolist())
+            restarted = done and not info  # smac restarts a crashed game itself, returning (0, True, {})
+            truncated = done and (restarted or info.get("episode_limit", False))
+            final = self.last[i] if restarted else self._observe(i)  # a lost episode ends at the last state seen
+            if done:
+                self.games[i].reset()
+            self.last[i] = self._observe(i)
+            ends = (np.float32(reward), done and not truncated, truncated, info.get("battle_won", False))
+            rows.append((*self.last[i], *ends, *final[:2], restarted))
+        return self._batch(rows, STEP_KEYS)
+
+    def close(self) -> None:
+        for game in self.games:
+            game.close()
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float) -> nn.Sequential:
+    """LayerNorm on the input, Linear-ReLU-LayerNorm blocks (HARL's MLP base), then a linear output layer."""
+    layers = [nn.LayerNorm(in_dim)]
+    for size in hidden_sizes:
+        layers += [layer_init(nn.Linear(in_dim, size)), nn.ReLU(), nn.LayerNorm(size)]
+        in_dim = size
+    return nn.Sequential(*layers, layer_init(nn.Linear(in_dim, out_dim), std=out_std))
+
+
+class RecurrentNet(nn.Module):
+    """HARL's recurrent base: the MLP base, a GRU cell, LayerNorm, then a linear head. forward runs over (T, B, D) from
+    the hidden state h (B, H), zeroing it where `starts` (T, B) marks an episode's first step; it returns the outputs
+    (T, B, out_dim) and the hidden states after each step (T, B, H)."""
+
+    def __init__(self, in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float):
+        super().__init__()
+        self.base = mlp(in_dim, hidden_sizes[:-1], hidden_sizes[-1], out_std=np.sqrt(2))
+        self.gru = nn.GRUCell(hidden_sizes[-1], hidden_sizes[-1])
+        for name, param in self.gru.named_parameters():
+            nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
+        self.norm, self.hidden_size = nn.LayerNorm(hidden_sizes[-1]), hidden_sizes[-1]
+        self.head = layer_init(nn.Linear(hidden_sizes[-1], out_dim), std=out_std)
+
+    def forward(self, x: Tensor, h: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+        features, hiddens = torch.relu(self.base(x)), []
+        for t in range(x.shape[0]):  # an episode's first step starts from a zero hidden state
+            h = self.gru(features[t], h * (1.0 - starts[t]).unsqueeze(-1))
+            hiddens.append(h)
+        hiddens = torch.stack(hiddens)
+        return self.head(self.norm(hiddens)), hiddens
+
+
+class Actor(nn.Module):
+    """An agent's recurrent categorical policy over its local observations, restricted to its available actions; one
+    actor shared by num_ids agents reads the observation with the agent's one-hot id appended."""
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...], num_ids: int = 0):
+        super().__init__()
+        self.num_ids, self.net = num_ids, RecurrentNet(obs_dim + num_ids, hidden_sizes, num_actions, out_std=0.01)
+
+    def distribution(self, obs: Tensor, avail: Tensor, agent: int, h: Tensor, starts: Tensor) -> tuple:
+        """The categorical over the available actions of (T, B) steps from hidden state h (B, H); the last hidden."""
+        if self.num_ids:
+            obs = torch.cat([obs, F.one_hot(torch.tensor(agent), self.num_ids).to(obs).expand(*obs.shape[:-1], -1)], -1)
+        logits, hiddens = self.net(obs, h, starts)
+        return Categorical(logits=logits.masked_fill(~avail, -torch.inf)), hiddens[-1]
+
+
+@torch.no_grad()
+def act(actors: nn.ModuleList, obs: Tensor, avail: Tensor, h: Tensor, starts: Tensor, deterministic: bool = False):
+    """obs (E, N, obs_dim), avail (E, N, A), hidden states h (E, N, H), starts (E,) -> actions (E, N), log-probabilities
+    (E, N) and the next hidden states (E, N, H)."""
+    actions, logprobs, hiddens = [], [], []
+    for i, actor in enumerate(actors):  # each agent acts on its own observations, among its available actions
+        dist, hidden = actor.distribution(obs[None, :, i], avail[None, :, i], i, h[:, i], starts[None])
+        actions.append(dist.mode[0] if deterministic else dist.sample()[0])
+        logprobs.append(dist.log_prob(actions[-1][None])[0])
+        hiddens.append(hidden)
+    return torch.stack(actions, 1), torch.stack(logprobs, 1), torch.stack(hiddens, 1)
+
+
+def chunks(x: Tensor, length: int) -> Tensor:
+    """(T, E, ...) -> (length, T / length * E, ...): chunk c of environment e is column c * E + e."""
+    steps, envs = x.shape[:2]
+    return x.reshape(steps // length, length, envs, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
+
+
+def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
+    """The critic's input (..., C, D): EP the state (C = 1); FP the state, each agent's observation and one-hot id."""
+    if state_type == "EP":
+        return state.unsqueeze(-2)
+    num_agents = obs.shape[-2]
+    ids = torch.eye(num_agents, device=obs.device).expand(obs.shape[:-1] + (num_agents,))
+    return torch.cat([state.unsqueeze(-2).expand(obs.shape[:-1] + state.shape[-1:]), obs, ids], -1)
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
+
+    def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
+        super().__init__()
+        self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
+        self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        mean, mean_sq = self.stats[:2] / self.stats[2].clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2).sqrt()
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+            self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        mean, std = self.mean_std()
+        return (x - mean) / std if self.enabled else x
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        mean, std = self.mean_std()
+        return x * std + mean if self.enabled else x
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
+) -> Tensor:
+    """GAE(gamma, lambda) over (num_steps, num_envs): delta_t = r_t + gamma * V_next_t - V(s_t) and
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, where V_next_t is the value of the state that step t
+    reached (the final state where an episode ended), 0 after a termination."""
+    advantages = torch.zeros_like(values)
+    lastgaelam = torch.zeros_like(values[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * (1.0 - dones[t]) * lastgaelam
+    return advantages
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over the samples where mask is 1 (masked samples, e.g. dead agents, count for nothing)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
+    """GAE advantages, value targets and values (T, E, C), C = N agents (FP) or 1 (EP), from one pass of the critic
+    over the rollout from its first hidden state h0 (E * C, H); a final state is valued with the hidden state after
+    its step, 0 after a termination. Also the critic's inputs (T, E * C, D), its hidden state entering each step
+    (T, E * C, H) and after the last (E * C, H). The value normalization takes on the new targets."""
+    states, obs, final_states, final_obs, rewards, terminations, dones, starts, h0 = rollout
+    critic_in = critic_inputs(states, obs, args.state_type)  # (T, E, C, D)
+    steps, envs, columns = critic_in.shape[:3]
+    out, hiddens = critic(critic_in.flatten(1, 2), h0, starts.repeat_interleave(columns, 1))
+    values = value_norm.denormalize(out.squeeze(-1)).view(steps, envs, columns)
+    next_in = critic_inputs(final_states, final_obs, args.state_type).flatten(0, 2)
+    next_h = critic.gru(torch.relu(critic.base(next_in)), hiddens.flatten(0, 1))  # the step's final state
+    next_values = value_norm.denormalize(critic.head(critic.norm(next_h)).squeeze(-1)).view(steps, envs, columns)
+    next_values = next_values * (1.0 - terminations[..., None])
+    advantages = compute_gae(rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda)
+    returns = advantages + values
+    value_norm.update(returns)
+    return advantages, returns, values, critic_in.flatten(1, 2), torch.cat([h0[None], hiddens[:-1]]), hiddens[-1]
+
+
+def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
+    """The factor that weights agent i_k's advantage: min(M, c) (LV-HAPPO), M (HAPPO) or 1 (MAPPO-style)."""
+    if mode == "none":
+        return torch.ones_like(factor)
+    return factor.clamp(max=factor_clip) if mode == "clipped" else factor
+
+
+def actor_loss(
+    newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, factor: Tensor, mask: Tensor, clip_coef: float
+) -> Tensor:
+    """-E[M * min(r A, clip(r, 1 - eps, 1 + eps) A)] over the samples where mask is 1."""
+    ratio = (newlogprob - oldlogprob).exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    return -masked_mean(factor * surrogate, mask)
+
+
+def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, h0: Tensor, args: Args, logs: dict) -> bool:
+    """One step on -E[m_used * clipped surrogate] - ent_coef * entropy over the living samples of a minibatch of
+    chunks (L, B) of the agent's, each run from its stored hidden state h0 (B, H); False when it was skipped."""
+    obs, avail, actions, oldlogprob, advantages, mask, starts, m_used = samples
+    dist = actor.distribution(obs, avail, agent, h0, starts)[0]
+    newlogprob, entropy_loss = dist.log_prob(actions), masked_mean(dist.entropy(), mask)
+    pg_loss = actor_loss(newlogprob, oldlogprob, advantages, m_used, mask, args.clip_coef)
+    logs["policy_loss"].append(pg_loss.item())
+    logs["entropy"].append(entropy_loss.item())
+    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+
+
+@torch.no_grad()
+def agent_logratio(actor: nn.Module, agent: int, samples: list, h0: Tensor) -> Tensor:
+    """log(pi_now / pi_behaviour) of the agent's actions over the whole rollout (T, E), run from the rollout's first
+    hidden state h0 (E, H) as when acting; 0 where the agent is dead (its forced no-op)."""
+    obs, avail, actions, oldlogprob, _, mask, starts = samples[:7]
+    logratio = actor.distribution(obs, avail, agent, h0, starts)[0].log_prob(actions) - oldlogprob
+    return torch.where(mask > 0, logratio, torch.zeros_like(logratio))
+
+
+def log_update(logratio: Tensor, mask: Tensor, clip_coef: float, logs: dict) -> None:
+    """An agent's update, measured on its living samples: the approximate KL(old || new) and the clip fraction."""
+    ratio = logratio.exp()
+    logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, mask).item())
+    logs["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > clip_coef).float(), mask).item())
+
+
+def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, factor_clip: float, step: int) -> None:
+    """The factor M seen at position k of the order, and the variance of m_used * A (the README's `lv/` tags)."""
+    writer.add_scalar(f"lv/factor_mean_{k}", factor.mean().item(), step)
+    writer.add_scalar(f"lv/factor_max_{k}", factor.max().item(), step)
+    writer.add_scalar(f"lv/factor_clip_fraction_{k}", (factor > factor_clip).float().mean(), step)
+    writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
+
+
+def critic_loss(
+    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
+) -> Tensor:
+    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
+    v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
+    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
+    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
+    return errors.max(0).values
+
+
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
+    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        optimizer.step()
+    return finite
+
+
+def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """LV-HAPPO's sequential update of separate recurrent actors. In a random order i_1, ..., i_n, agent i_k goes
+    through all its epochs on
+
+        L(i_k) = -E[ m_used * min(r A, clip(r, 1 - eps, 1 + eps) A) ] - ent_coef * entropy,
+        m_used = min(M, c),   M = prod_{j < k} r^{i_j}   (HAPPO: m_used = M; MAPPO-style: m_used = 1),
+
+    over its living samples in chunks of --data-chunk-length steps, each from the hidden state the rollout had there;
+    then its ratio, from a pass over the whole rollout from the rollout's first hidden state (1 where it was dead),
+    multiplies the unclipped M that the next agent sees. batch: obs (T, E, N, obs_dim), available actions, actions,
+    behaviour log-probabilities, advantages and alive masks (T, E, N), episode starts (T, E) and the hidden states
+    entering each step (T, E, N, H). Returns the number of steps skipped."""
+    *per_agent, starts, hidden = batch
+    steps, envs, num_agents = per_agent[3].shape
+    b_inds, skipped, length = np.arange(steps // args.data_chunk_length * envs), 0, args.data_chunk_length
+    factor = torch.ones(steps, envs, device=starts.device)  # M: 1 for the first agent of the order
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
+    for k, agent in enumerate(order):
+        actor, optimizer = actors[agent], optimizers[agent]
+        m_used = factor_used(factor, args.factor, args.factor_clip)
+        whole = [x[:, :, agent] for x in per_agent] + [starts, m_used]  # obs, avail, actions, logp, adv, alive, ...
+        log_factor(writer, k, factor, (m_used * whole[4])[whole[5] > 0], args.factor_clip, step)
+        chunked, h0 = [chunks(x, length) for x in whole], chunks(hidden[:, :, agent], length)[0]
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, len(b_inds), args.minibatch_size):
+                mb = b_inds[start : start + args.minibatch_size]
+                finite = agent_step(actor, optimizer, agent, [x[:, mb] for x in chunked], h0[mb], args, logs)
+                skipped += not finite
+        logratio = agent_logratio(actor, agent, whole, hidden[0, :, agent])
+        log_update(logratio, whole[5], args.clip_coef, logs)
+        factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
+    return skipped
+
+
+def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+    """The paper's update of one recurrent actor shared by all agents: in each epoch M restarts at 1; for each
+    minibatch of chunks, every agent of the order takes one step on its chunks, weighted as in update_actors, and its
+    ratio over the whole rollout then multiplies M. The last epoch's first pass is logged. As update_actors."""
+    *per_agent, starts, hidden = batch
+    steps, envs, num_agents = per_agent[3].shape
+    b_inds, skipped, length = np.arange(steps // args.data_chunk_length * envs), 0, args.data_chunk_length
+    order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
+    for epoch in range(args.update_epochs):
+        factor = torch.ones(steps, envs, device=starts.device)
+        np.random.shuffle(b_inds)
+        for start in range(0, len(b_inds), args.minibatch_size):
+            mb = b_inds[start : start + args.minibatch_size]
+            for k, agent in enumerate(order):
+                m_used = factor_used(factor, args.factor, args.factor_clip)
+                whole = [x[:, :, agent] for x in per_agent] + [starts, m_used]
+                if epoch == args.update_epochs - 1 and start == 0:
+                    log_factor(writer, k, factor, (m_used * whole[4])[whole[5] > 0], args.factor_clip, step)
+                chunked, h0 = [chunks(x, length)[:, mb] for x in whole], chunks(hidden[:, :, agent], length)[0][mb]
+                finite = agent_step(actor, optimizer, agent, chunked, h0, args, logs)
+                skipped += not finite
+                logratio = agent_logratio(actor, agent, whole, hidden[0, :, agent])
+                log_update(logratio, whole[5], args.clip_coef, logs)
+                factor = factor * logratio.exp()  # the carry, as in update_actors
+    return skipped
+
+
+def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
+    sys.exit(f"{os.path.basename(__file__)}: error: {message}")
+
+
+def check_args(args: Args) -> Optional[str]:
+    """What is wrong with the flags, as one line that says what to do, or None."""
+    positive = "total_timesteps num_envs num_steps num_minibatches max_steps eval_episodes learning_rate"
+    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
+    positive.append("data_chunk_length")
+    for name, value in vars(args).items():
+        wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            words = "a positive number" if name in positive else "a finite number, not negative"
+            return f"--{name.replace('_', '-')} must be {words}, got {value}"
+    problems = [
+        (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
+        (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
+        (args.num_steps % args.data_chunk_length != 0, "--data-chunk-length must divide --num-steps"),
+        (
+            args.num_minibatches > args.num_envs * args.num_steps // args.data_chunk_length,
+            "--num-minibatches exceeds the chunks",
+        ),
+        (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+    ]
+    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
+        return problem
+    if args.backend == "sc2" and importlib.util.find_spec("smac") is None:
+        return SC2_INSTALL
+    if args.backend == "smax":  # the maps the backend knows, last: importing jaxmarl takes seconds
+        maps = smax_maps()
+    else:
+        maps = importlib.import_module("smac.env.starcraft2.maps.smac_maps").get_smac_map_registry()
+    if args.env_id not in maps:
+        return f"unknown {args.backend} map --env-id {args.env_id!r}: choose one of {', '.join(maps)}"
+
+
+def make_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_dir: str = "") -> Any:
+    if args.backend == "smax":
+        return SMAXEnvs(args.env_id, num_envs, seed, device, args.max_steps)
+    game = importlib.import_module("smac.env").StarCraft2Env
+    options = {"map_name": args.env_id, "replay_dir": replay_dir, "continuing_episode": True}  # reports time limits
+    return SC2Envs([game(seed=seed + i, **options) for i in range(num_envs)], device)
+
+
+def start_env(args: Args, num_envs: int, seed: int, device: torch.device, replay_dir: str = "") -> tuple:
+    """Environments and their first observations, or one line that says how to install a missing StarCraft II."""
+    try:  # smac launches StarCraft II at a game's first reset
+        envs = make_env(args, num_envs, seed, device, replay_dir)
+        return envs, envs.reset()
+    except Exception as error:  # StarCraft II missing or broken (SMAX's own errors keep their traceback)
+        if args.backend == "sc2":
+            fail(f"StarCraft II did not start ({error!r:.200}); {SC2_INSTALL}")
+        raise
+
+
+def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str] = None) -> tuple:
+    """Team returns and wins of deterministic episodes on evaluation envs (SMAX: one per game; sc2: all in one game);
+    with video_folder, a GIF of the first SMAX game's episode or StarCraft II's replays."""
+    returns, wins, replay = [], [], []
+    episodes = np.zeros(envs.num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
+    episode_returns = torch.zeros(envs.num_envs, device=envs.device)
+    next_ = envs.reset(seed=args.seed + 10_000)
+    hidden = torch.zeros(envs.num_envs, envs.num_agents, actors[0].net.hidden_size, device=envs.device)
+    starts = torch.ones(envs.num_envs, device=envs.device)
+    while len(returns) < args.eval_episodes:
+        action, _, hidden = act(actors, next_["obs"], next_["avail"], hidden, starts, deterministic=True)
+        if video_folder is not None and args.backend == "smax" and episodes[0] == 0:
+            replay.append(envs.replay_step(action))
+        next_ = envs.step(action)
+        episode_returns += next_["reward"]
+        done = next_["terminated"] | next_["truncated"]
+        counted = (done & ~next_["restarted"]).cpu().numpy()  # a game lost to a crash is no episode
+        for i in np.flatnonzero(counted & (episodes < -(-args.eval_episodes // len(episodes)))):
+            returns.append(episode_returns[i].item())
+            wins.append(next_["won"][i].item())
+            episodes[i] += 1
+        episode_returns *= ~done
+        starts = done.float()
+    if video_folder is not None:
+        os.makedirs(video_folder, exist_ok=True)
+        if args.backend == "smax":  # JaxMARL's visualizer re-plays the steps between decisions
+            from jaxmarl.viz.visualizer import SMAXVisualizer
+
+            SMAXVisualizer(envs.env, replay).animate(
+                save_fname=os.path.join(video_folder, f"{args.env_id}.gif"), view=False
+            )
+        else:
+            envs.games[0].save_replay()
+    return returns[: args.eval_episodes], wins[: args.eval_episodes]
+
+
+def print_evaluation(returns: list, wins: list) -> None:
+    mean, std, n, win_rate = np.mean(returns), np.std(returns), len(returns), np.mean(wins)
+    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {n} episodes), win rate {win_rate:.2f}")
+
+
+def make_actors(args: Args, envs, device: torch.device) -> tuple[nn.ModuleList, list]:
+    """The actors (one per agent, or one for all with --share-actor, told the agents' ids) and the one each agent
+    acts with."""
+    num_ids = envs.num_agents if args.share_actor else 0
+    sizes = (envs.obs_dim, envs.num_actions, args.hidden_sizes, num_ids)
+    actors = nn.ModuleList(Actor(*sizes) for _ in range(1 if num_ids else envs.num_agents)).to(device)
+    return actors, [actors[0]] * envs.num_agents if args.share_actor else list(actors)
+
+
+def evaluate_saved_model(args: Args) -> None:
+    """--eval-model: the actors the file holds, in --eval-episodes deterministic episodes (a GIF or StarCraft II's
+    replays with --capture-video), their returns and win rate printed; nothing is trained and nothing else written."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
+    num_envs = args.eval_episodes if args.backend == "smax" else 1
+    envs = start_env(args, num_envs, args.seed + 10_000, device, video_folder or "")[0]
+    actors, policies = make_actors(args, envs, device)
+    load_model(args.eval_model, actors)
+    print_evaluation(*evaluate(policies, envs, args, video_folder))
+    envs.close()
+    sys.exit(0)
+
+
+def load_checkpoint(args: Args) -> dict:
+    """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
+    try:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
+    if not isinstance(checkpoint, dict) or "args" not in checkpoint:  # a --save-model file holds only the networks
+        fail(f"{args.resume} is not a checkpoint (a saved model? evaluate it with --eval-model)")
+    if checkpoint.get("script") != os.path.basename(__file__):
+        fail(f"{args.resume} was written by {checkpoint.get('script', 'another script')}: resume it with that script")
+    may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
+    may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
+    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
+    for name, value in flags[:1]:
+        fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
+    return checkpoint
+
+
+def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
+    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
+    if checkpoint is None:
+        return 0, 1
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    np.random.set_state(checkpoint["rng"][0])
+    torch.set_rng_state(checkpoint["rng"][1])
+    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
+    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
+    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
+    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    state = {name: module.state_dict() for name, module in stateful.items()}
+    torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def catch_interrupts() -> list:
+    """SIGINT and SIGTERM land in the list returned: the run stops after the iteration; Ctrl-C again stops at once."""
+    interrupted = []
+
+    def on_signal(signum: int, frame) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping after this iteration (Ctrl-C again: now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return interrupted
+
+
+def load_model(path: str, actors: nn.ModuleList) -> None:
+    """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
+    try:
+        theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
+    except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
+        if os.path.getsize(path) == 0:
+            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
+        kind = (
+            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
+        )
+        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
+    mine = actors.state_dict()
+    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
+    if count[0] != count[1]:
+        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
+    for name, value in mine.items():
+        if name not in theirs or theirs[name].shape != value.shape:
+            there = tuple(theirs[name].shape) if name in theirs else "missing"
+            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
+    actors.load_state_dict(theirs)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    # read by XLA when jax is first imported: GPU memory left to torch; on the CPU, one thread beside torch's
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not (args.cuda and torch.cuda.is_available()):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    if (problem := check_args(args)) is not None:
+        fail(problem)
+    if args.eval_model:  # evaluate a saved model instead of training, and exit
+        evaluate_saved_model(args)
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
+    args.minibatch_size = int(args.batch_size // args.data_chunk_length // args.num_minibatches)  # chunks
+    args.num_iterations = max(1, args.total_timesteps // args.batch_size)
+    checkpoint = None if args.resume is None else load_checkpoint(args)
+    run_name = f"{args.env_id}_{args.backend}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
+    if args.track:
+        import wandb
+
+        wandb_run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
+        wandb.init(**wandb_run, sync_tensorboard=True)
+    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+
+    # TRY NOT TO MODIFY: seeding
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no GPU is available; training on the CPU", file=sys.stderr)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # small networks gain little from more
+
+    # env setup: SMAX compiles its step here; StarCraft II starts one game per environment
+    envs, next_ = start_env(args, args.num_envs, args.seed, device)
+    # evaluation environments of their own, built once (SMAX compiles once): all episodes at once, or one game (sc2)
+    if args.eval_every or args.save_model or args.capture_video:
+        replays = f"videos/{run_name}" if args.capture_video else ""  # StarCraft II writes its replays there
+        eval_envs = make_env(
+            args, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, device, replays
+        )
+    num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
+    critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
+
+    actors, policies = make_actors(args, envs, device)  # agent i acts with policies[i]
+    critic = RecurrentNet(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V (EP) or V_i (FP)
+    hidden_size = args.hidden_sizes[-1]
+    value_norm = ValueNorm(args.norm_value).to(device)
+    actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
+
+    # ALGO Logic: Storage setup
+    obs = torch.zeros((args.num_steps, args.num_envs, num_agents, obs_dim), device=device)  # (T, E, N, obs_dim)
+    states = torch.zeros((args.num_steps, args.num_envs, envs.state_dim), device=device)  # (T, E, state_dim)
+    final_obs, final_states = torch.zeros_like(obs), torch.zeros_like(states)  # what step t reached, before a reset
+    avails = torch.zeros((args.num_steps, args.num_envs, num_agents, num_actions), dtype=torch.bool, device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs, num_agents), dtype=torch.long, device=device)  # (T, E, N)
+    logprobs = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N)
+    active_masks = torch.zeros((args.num_steps, args.num_envs, num_agents), device=device)  # (T, E, N): alive
+    rewards, terminations, dones = torch.zeros((3, args.num_steps, args.num_envs), device=device)  # (T, E) each
+    starts = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, E): 1 where an episode began
+    hidden = torch.zeros((args.num_steps, args.num_envs, num_agents, hidden_size), device=device)  # entering step t
+
+    # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
+    stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
+    stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    global_step, start_iteration = restore(checkpoint, stateful)
+    interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
+
+    # TRY NOT TO MODIFY: start the game
+    start_time, start_step = time.time(), global_step
+    episode_returns, episode_lengths = torch.zeros((2, args.num_envs), device=device)
+    recent_returns, recent_wins, mean_return, win_rate = [], [], float("nan"), float("nan")
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            for optimizer in [*actor_optimizers, critic_optimizer]:
+                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
+        if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
+            # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
+            next_ = envs.reset(seed=args.seed + iteration - 1)
+            episode_returns.zero_(), episode_lengths.zero_()
+            next_hidden = torch.zeros((args.num_envs, num_agents, hidden_size), device=device)
+            critic_hidden = torch.zeros((args.num_envs * critic_shape[0], hidden_size), device=device)
+            next_start = torch.ones(args.num_envs, device=device)
+
+        rollout_start = time.time()
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step], states[step], avails[step] = next_["obs"], next_["state"], next_["avail"]
+            active_masks[step] = next_["active"]
+
+            # ALGO LOGIC: each agent acts on its own observation, among its available actions
+            hidden[step], starts[step] = next_hidden, next_start
+            actions[step], logprobs[step], next_hidden = act(
+                policies, next_["obs"], next_["avail"], next_hidden, next_start
+            )
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_ = envs.step(actions[step])
+            rewards[step], terminations[step] = next_["reward"], next_["terminated"]
+            dones[step] = done = next_["terminated"] | next_["truncated"]
+            next_start = done.float()
+            final_obs[step], final_states[step] = next_["final_obs"], next_["final_state"]
+            episode_returns, episode_lengths = episode_returns + next_["reward"], episode_lengths + 1
+            if (ended := done & ~next_["restarted"]).any():  # a game lost to a crash is no episode
+                ended_episodes = torch.stack([episode_returns, episode_lengths, next_["won"].float()], 1)[ended]
+                for episodic_return, episodic_length, won in ended_episodes.tolist():
+                    recent_returns.append(episodic_return)
+                    recent_wins.append(won)
+                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            episode_returns, episode_lengths = episode_returns * ~done, episode_lengths * ~done
+
+        # bootstrap value if not done
+        update_start = time.time()
+        rollout = (states, obs, final_states, final_obs, rewards, terminations, dones, starts, critic_hidden)
+        advantages, returns, values, critic_in, critic_h, critic_hidden = advantages_and_returns(
+            critic, value_norm, rollout, args
+        )
+        value_mask = active_masks if args.state_type == "FP" else torch.ones_like(values)  # (T, E, C): living agents
+        adv_mean = masked_mean(advantages, value_mask)
+        adv_std = masked_mean((advantages - adv_mean) ** 2, value_mask).sqrt()
+        agent_advantages = ((advantages - adv_mean) / (adv_std + 1e-8)).expand_as(active_masks)  # (T, E, N)
+
+        # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
+        batch = (obs, avails, actions, logprobs, agent_advantages, active_masks, starts, hidden)
+        if args.share_actor:
+            skipped = update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
+        else:
+            skipped = update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
+
+        # ALGO LOGIC: critic update on the normalized returns, in chunks from the critic's stored hidden states
+        length, columns = args.data_chunk_length, critic_shape[0]
+        c_in, c_h0 = chunks(critic_in, length), chunks(critic_h, length)[0]
+        c_starts = chunks(starts.repeat_interleave(columns, 1), length)
+        c_returns, c_values, c_mask = (chunks(x.flatten(1, 2), length) for x in (returns, values, value_mask))
+        c_returns, c_values = value_norm.normalize(c_returns), value_norm.normalize(c_values)
+        c_inds, critic_minibatch = np.arange(c_in.shape[1]), c_in.shape[1] // args.num_minibatches
+        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
+        for epoch in range(args.critic_epochs):
+            np.random.shuffle(c_inds)
+            for start in range(0, len(c_inds), critic_minibatch):
+                mb = c_inds[start : start + critic_minibatch]
+                newvalue = critic(c_in[:, mb], c_h0[mb], c_starts[:, mb])[0].squeeze(-1)
+                errors = critic_loss(newvalue, c_values[:, mb], c_returns[:, mb], *value_loss_args)
+                v_loss = masked_mean(errors, c_mask[:, mb])  # FP: the living agents' values only
+                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                logs["value_loss"].append(v_loss.item())
+
+        # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
+        if skipped:
+            writer.add_scalar("charts/skipped_steps", skipped, global_step)
+            print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        writer.add_scalar("perf/rollout_time", update_start - rollout_start, global_step)
+        writer.add_scalar("perf/update_time", time.time() - update_start, global_step)
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        writer.add_scalar("charts/SPS", sps, global_step)
+        for name, values in logs.items():  # means over agents, epochs and minibatches
+            writer.add_scalar(f"losses/{name}", np.mean(values) if values else 0.0, global_step)
+        if recent_returns:
+            writer.add_scalar("charts/win_rate", np.mean(recent_wins), global_step)
+            mean_return, win_rate, recent_returns, recent_wins = np.mean(recent_returns), np.mean(recent_wins), [], []
+        if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
+            for name, values in zip(("episodic_return", "win_rate"), evaluate(policies, eval_envs, args), strict=True):
+                writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
+        line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
+        print(line, flush=True)
+        due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
+        if interrupted or due:
+            progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
+            save_checkpoint(checkpoint_path, stateful, progress)
+        if interrupted:
+            break
+
+    envs.close()
+    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+        writer.close()
+        command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
+        print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
+        sys.exit(128 + interrupted[0])
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        print(f"model saved to {model_path}")
+        load_model(model_path, actors)  # evaluated from the file, as a user will
+    if args.eval_every or args.save_model or args.capture_video:
+        results = evaluate(policies, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
+        for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
+            writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
+        print_evaluation(*results)
+        eval_envs.close()
+
+    writer.close()
