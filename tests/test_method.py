@@ -217,3 +217,43 @@ def test_smac_carries_the_factor_and_a_dead_agent_carries_a_ratio_of_1(factor, w
     assert seen == [(agent, weights[agent]) for agent in range(3) for _ in range(2)]  # 2 epochs of 1 minibatch
     # the KL estimate over the living samples only: agent 0's three, with ratio 2
     assert logs["approx_kl"][0] == pytest.approx((2 - 1) - math.log(2))
+
+
+class RecurrentStandIn(StandIn):
+    """A stand-in with the recurrent actors' signature: distribution(obs, avail, agent, h, starts) -> (dist, h)."""
+
+    def distribution(self, obs: torch.Tensor, avail: torch.Tensor, agent: int, h: torch.Tensor, starts) -> tuple:
+        return self, h
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return super().log_prob(actions.flatten()).view(actions.shape)
+
+
+@pytest.mark.parametrize(
+    "factor, weights",
+    [  # as for the SMAC script, the samples now the 4 steps of one environment, in chunks of 2
+        ("clipped", [[1.0] * 4, [1.0] * 4, [0.25, 0.5, 0.5, 0.5]]),
+        ("raw", [[1.0] * 4, [1.0, 2.0, 2.0, 2.0], [0.25, 0.5, 0.5, 0.5]]),
+    ],
+)
+def test_the_recurrent_script_carries_the_factor_over_the_whole_rollout(factor, weights, monkeypatch):
+    module = importlib.import_module("lv_happo_smac_rnn")
+    seen = []
+
+    def step(actor, optimizer, agent, samples, h0, args, logs):  # notes (agent, m_used by step)
+        m_used = dict(zip(samples[2].flatten().long().tolist(), samples[7].flatten().tolist(), strict=True))
+        seen.append((agent, [m_used[t] for t in range(BATCH)]))
+        actor.steps += 1
+        return True
+
+    monkeypatch.setattr(module, "agent_step", step)
+    alive = torch.ones(BATCH, 3)
+    alive[0, 0] = 0
+    obs, avail, actions, logprobs, advantages, alive = (x[:, None] for x in smac_batch(alive))  # (T, E = 1, N, ...)
+    starts, hidden = torch.zeros(BATCH, 1), torch.zeros(BATCH, 1, 3, 1)
+    actors = [RecurrentStandIn(ratio) for ratio in (2.0, 0.25, 3.0)]
+    args = script_args(module, "--factor", factor, "--fixed-order", "--data-chunk-length", "2")
+    args.minibatch_size = 2  # both chunks in one minibatch
+    batch_ = (obs, avail.bool(), actions, logprobs, advantages, alive, starts, hidden)
+    assert module.update_actors(actors, [None] * 3, batch_, args, Writer(), 0, {"approx_kl": [], "clipfrac": []}) == 0
+    assert seen == [(agent, weights[agent]) for agent in range(3) for _ in range(2)]  # 2 epochs of 1 minibatch
