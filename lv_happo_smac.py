@@ -83,12 +83,8 @@ class Args:
     """the number of epochs of the critic's update"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
-    clip_vloss: bool = True
-    """if toggled, use the clipped value loss"""
-    huber_delta: Optional[float] = 10.0
-    """the delta of the critic's Huber loss (`None` for the squared error)"""
-    norm_value: bool = True
-    """if toggled, normalize the value targets with running statistics"""
+    huber_delta: float = 10.0
+    """the delta of the critic's Huber loss on the normalized value targets"""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
     max_grad_norm: float = 10.0
@@ -300,9 +296,9 @@ def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
 class ValueNorm(nn.Module):
     """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
-    def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
-        self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
+        self.beta, self.epsilon = beta, epsilon
         self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
@@ -311,16 +307,16 @@ class ValueNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+        if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
     def normalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return (x - mean) / std if self.enabled else x
+        return (x - mean) / std
 
     def denormalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return x * std + mean if self.enabled else x
+        return x * std + mean
 
 
 def compute_gae(
@@ -375,16 +371,16 @@ def actor_loss(
     return -masked_mean(factor * surrogate, mask)
 
 
-def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, args: Args, logs: dict) -> bool:
+def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, args: Args, logs: dict) -> None:
     """One step on -E[M * clipped surrogate] - ent_coef * entropy over the living samples in a minibatch of the agent's
-    (a dead agent's forced no-op teaches nothing); False when a non-finite loss or gradient skipped it."""
+    (a dead agent's forced no-op teaches nothing)."""
     obs, avail, actions, oldlogprob, advantages, mask, factor = samples
     dist = actor.distribution(obs, avail, agent)
     newlogprob, entropy_loss = dist.log_prob(actions), masked_mean(dist.entropy(), mask)
     pg_loss = actor_loss(newlogprob, oldlogprob, advantages, factor, mask, args.clip_coef)
     logs["policy_loss"].append(pg_loss.item())
     logs["entropy"].append(entropy_loss.item())
-    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+    gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm, logs)
 
 
 @torch.no_grad()
@@ -410,27 +406,25 @@ def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, 
     writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
 
 
-def critic_loss(
-    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
-) -> Tensor:
-    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
+def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, huber_delta: float) -> Tensor:
+    """Per sample: the Huber error of the normalized value, the worse of clipped and not (as MAPPO and HARL)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
-    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
-    return errors.max(0).values
+    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=huber_delta)
+    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=huber_delta))
 
 
-def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float, logs: dict) -> None:
+    """A step on the clipped gradient; a non-finite loss or gradient skips it (counted in logs["skipped_steps"])."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
         optimizer.step()
-    return finite
+    else:  # nothing non-finite is kept
+        logs["skipped_steps"].append(1)
 
 
-def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """LV-HAPPO's sequential update of separate actors. In a random order i_1, ..., i_n, agent i_k goes through all
     its epochs on
 
@@ -440,9 +434,9 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
     over its living samples, r being its ratio pi_new / pi_behaviour; then its ratio on every sample (1 where it was
     dead) multiplies the unclipped M that the next agent sees. batch: obs (B, N, obs_dim), available actions
     (B, N, num_actions), actions (B, N), behaviour log-probabilities (B, N), advantages (B, N: each agent's own with
-    the FP state, the team's with EP) and alive masks (B, N). Returns the number of steps skipped."""
+    the FP state, the team's with EP) and alive masks (B, N)."""
     batch_size, num_agents = batch[3].shape
-    b_inds, skipped = np.arange(batch_size), 0
+    b_inds = np.arange(batch_size)
     factor = torch.ones(batch_size, device=batch[3].device)  # M: 1 for the first agent of the order
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
     for k, agent in enumerate(order):
@@ -454,20 +448,18 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
             np.random.shuffle(b_inds)
             for start in range(0, batch_size, args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
-                finite = agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
-                skipped += not finite
+                agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
         logratio = agent_logratio(actor, agent, samples)
         log_update(logratio, samples[5], args.clip_coef, logs)
         factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
-    return skipped
 
 
-def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """The paper's update of one actor shared by all agents: in each epoch M restarts at 1; for each minibatch, every
     agent of the order takes one step on its samples of it, weighted as in update_actors, and its ratio on every sample
-    then multiplies M. The last epoch's first pass is logged. Batch and return as in update_actors."""
+    then multiplies M. The last epoch's first pass is logged. The batch as in update_actors."""
     batch_size, num_agents = batch[3].shape
-    b_inds, skipped = np.arange(batch_size), 0
+    b_inds = np.arange(batch_size)
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(batch_size, device=batch[3].device)
@@ -479,12 +471,10 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
                 samples = [x[:, agent] for x in batch] + [m_used]
                 if epoch == args.update_epochs - 1 and start == 0:
                     log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, step)
-                finite = agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
-                skipped += not finite
+                agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
                 logratio = agent_logratio(actor, agent, samples)
                 log_update(logratio, samples[5], args.clip_coef, logs)
                 factor = factor * logratio.exp()  # the carry, as in update_actors
-    return skipped
 
 
 def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
@@ -728,7 +718,7 @@ if __name__ == "__main__":
 
     actors, policies = make_actors(args, envs, device)  # agent i acts with policies[i]
     critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
-    value_norm = ValueNorm(args.norm_value).to(device)
+    value_norm = ValueNorm().to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
@@ -802,29 +792,28 @@ if __name__ == "__main__":
         b_advantages = (advantages.flatten(0, 1) - adv_mean) / (adv_std + 1e-8)  # normalized over living agents
 
         # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
-        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss", "skipped_steps")}
         b_agent_advantages = b_advantages.expand_as(b_active)  # (B, N): FP its own per agent, EP the team's for all
         batch = (b_obs, b_avail, b_actions, b_logprobs, b_agent_advantages, b_active)
         if args.share_actor:
-            skipped = update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
+            update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
         else:
-            skipped = update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
+            update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         b_inds = np.arange(args.batch_size)
-        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_critic_in[mb_inds]).squeeze(-1)
-                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], *value_loss_args)
+                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.huber_delta)
                 v_loss = masked_mean(errors, b_value_mask[mb_inds])  # FP: the living agents' values only
-                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
-        if skipped:
+        if skipped := len(logs.pop("skipped_steps")):
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
 

@@ -83,12 +83,8 @@ class Args:
     """the number of epochs of the critic's update"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
-    clip_vloss: bool = True
-    """if toggled, use the clipped value loss"""
-    huber_delta: Optional[float] = 10.0
-    """the delta of the critic's Huber loss (`None` for the squared error)"""
-    norm_value: bool = True
-    """if toggled, normalize the value targets with running statistics"""
+    huber_delta: float = 10.0
+    """the delta of the critic's Huber loss on the normalized value targets"""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
     max_grad_norm: float = 10.0
@@ -334,9 +330,9 @@ def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
 class ValueNorm(nn.Module):
     """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
-    def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
-        self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
+        self.beta, self.epsilon = beta, epsilon
         self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
@@ -345,16 +341,16 @@ class ValueNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+        if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
     def normalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return (x - mean) / std if self.enabled else x
+        return (x - mean) / std
 
     def denormalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return x * std + mean if self.enabled else x
+        return x * std + mean
 
 
 def compute_gae(
@@ -413,16 +409,16 @@ def actor_loss(
     return -masked_mean(factor * surrogate, mask)
 
 
-def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, h0: Tensor, args: Args, logs: dict) -> bool:
+def agent_step(actor: nn.Module, optimizer, agent: int, samples: list, h0: Tensor, args: Args, logs: dict) -> None:
     """One step on -E[m_used * clipped surrogate] - ent_coef * entropy over the living samples of a minibatch of
-    chunks (L, B) of the agent's, each run from its stored hidden state h0 (B, H); False when it was skipped."""
+    chunks (L, B) of the agent's, each run from its stored hidden state h0 (B, H)."""
     obs, avail, actions, oldlogprob, advantages, mask, starts, m_used = samples
     dist = actor.distribution(obs, avail, agent, h0, starts)[0]
     newlogprob, entropy_loss = dist.log_prob(actions), masked_mean(dist.entropy(), mask)
     pg_loss = actor_loss(newlogprob, oldlogprob, advantages, m_used, mask, args.clip_coef)
     logs["policy_loss"].append(pg_loss.item())
     logs["entropy"].append(entropy_loss.item())
-    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+    gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm, logs)
 
 
 @torch.no_grad()
@@ -449,27 +445,25 @@ def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, 
     writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
 
 
-def critic_loss(
-    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
-) -> Tensor:
-    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
+def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, huber_delta: float) -> Tensor:
+    """Per sample: the Huber error of the normalized value, the worse of clipped and not (as MAPPO and HARL)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
-    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
-    return errors.max(0).values
+    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=huber_delta)
+    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=huber_delta))
 
 
-def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float, logs: dict) -> None:
+    """A step on the clipped gradient; a non-finite loss or gradient skips it (counted in logs["skipped_steps"])."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
         optimizer.step()
-    return finite
+    else:  # nothing non-finite is kept
+        logs["skipped_steps"].append(1)
 
 
-def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """LV-HAPPO's sequential update of separate recurrent actors. In a random order i_1, ..., i_n, agent i_k goes
     through all its epochs on
 
@@ -480,10 +474,10 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
     then its ratio, from a pass over the whole rollout from the rollout's first hidden state (1 where it was dead),
     multiplies the unclipped M that the next agent sees. batch: obs (T, E, N, obs_dim), available actions, actions,
     behaviour log-probabilities, advantages and alive masks (T, E, N), episode starts (T, E) and the hidden states
-    entering each step (T, E, N, H). Returns the number of steps skipped."""
+    entering each step (T, E, N, H)."""
     *per_agent, starts, hidden = batch
     steps, envs, num_agents = per_agent[3].shape
-    b_inds, skipped, length = np.arange(steps // args.data_chunk_length * envs), 0, args.data_chunk_length
+    b_inds, length = np.arange(steps // args.data_chunk_length * envs), args.data_chunk_length
     factor = torch.ones(steps, envs, device=starts.device)  # M: 1 for the first agent of the order
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
     for k, agent in enumerate(order):
@@ -496,21 +490,19 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
             np.random.shuffle(b_inds)
             for start in range(0, len(b_inds), args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
-                finite = agent_step(actor, optimizer, agent, [x[:, mb] for x in chunked], h0[mb], args, logs)
-                skipped += not finite
+                agent_step(actor, optimizer, agent, [x[:, mb] for x in chunked], h0[mb], args, logs)
         logratio = agent_logratio(actor, agent, whole, hidden[0, :, agent])
         log_update(logratio, whole[5], args.clip_coef, logs)
         factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
-    return skipped
 
 
-def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """The paper's update of one recurrent actor shared by all agents: in each epoch M restarts at 1; for each
     minibatch of chunks, every agent of the order takes one step on its chunks, weighted as in update_actors, and its
     ratio over the whole rollout then multiplies M. The last epoch's first pass is logged. As update_actors."""
     *per_agent, starts, hidden = batch
     steps, envs, num_agents = per_agent[3].shape
-    b_inds, skipped, length = np.arange(steps // args.data_chunk_length * envs), 0, args.data_chunk_length
+    b_inds, length = np.arange(steps // args.data_chunk_length * envs), args.data_chunk_length
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(steps, envs, device=starts.device)
@@ -523,12 +515,10 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
                 if epoch == args.update_epochs - 1 and start == 0:
                     log_factor(writer, k, factor, (m_used * whole[4])[whole[5] > 0], args.factor_clip, step)
                 chunked, h0 = [chunks(x, length)[:, mb] for x in whole], chunks(hidden[:, :, agent], length)[0][mb]
-                finite = agent_step(actor, optimizer, agent, chunked, h0, args, logs)
-                skipped += not finite
+                agent_step(actor, optimizer, agent, chunked, h0, args, logs)
                 logratio = agent_logratio(actor, agent, whole, hidden[0, :, agent])
                 log_update(logratio, whole[5], args.clip_coef, logs)
                 factor = factor * logratio.exp()  # the carry, as in update_actors
-    return skipped
 
 
 def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
@@ -781,7 +771,7 @@ if __name__ == "__main__":
     actors, policies = make_actors(args, envs, device)  # agent i acts with policies[i]
     critic = RecurrentNet(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V (EP) or V_i (FP)
     hidden_size = args.hidden_sizes[-1]
-    value_norm = ValueNorm(args.norm_value).to(device)
+    value_norm = ValueNorm().to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
@@ -862,12 +852,12 @@ if __name__ == "__main__":
         agent_advantages = ((advantages - adv_mean) / (adv_std + 1e-8)).expand_as(active_masks)  # (T, E, N)
 
         # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
-        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss", "skipped_steps")}
         batch = (obs, avails, actions, logprobs, agent_advantages, active_masks, starts, hidden)
         if args.share_actor:
-            skipped = update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
+            update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
         else:
-            skipped = update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
+            update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns, in chunks from the critic's stored hidden states
         length, columns = args.data_chunk_length, critic_shape[0]
@@ -876,19 +866,18 @@ if __name__ == "__main__":
         c_returns, c_values, c_mask = (chunks(x.flatten(1, 2), length) for x in (returns, values, value_mask))
         c_returns, c_values = value_norm.normalize(c_returns), value_norm.normalize(c_values)
         c_inds, critic_minibatch = np.arange(c_in.shape[1]), c_in.shape[1] // args.num_minibatches
-        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(c_inds)
             for start in range(0, len(c_inds), critic_minibatch):
                 mb = c_inds[start : start + critic_minibatch]
                 newvalue = critic(c_in[:, mb], c_h0[mb], c_starts[:, mb])[0].squeeze(-1)
-                errors = critic_loss(newvalue, c_values[:, mb], c_returns[:, mb], *value_loss_args)
+                errors = critic_loss(newvalue, c_values[:, mb], c_returns[:, mb], args.clip_coef, args.huber_delta)
                 v_loss = masked_mean(errors, c_mask[:, mb])  # FP: the living agents' values only
-                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
-        if skipped:
+        if skipped := len(logs.pop("skipped_steps")):
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
 

@@ -87,20 +87,14 @@ class Args:
     """the number of epochs of the critic's update"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
-    clip_vloss: bool = True
-    """if toggled, use the clipped value loss"""
-    huber_delta: Optional[float] = 10.0
-    """the delta of the critic's Huber loss (`None` for the squared error)"""
-    norm_value: bool = True
-    """if toggled, normalize the value targets with running statistics"""
+    huber_delta: float = 10.0
+    """the delta of the critic's Huber loss on the normalized value targets"""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
     max_grad_norm: float = 10.0
     """the maximum norm for the gradient clipping"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """the hidden layer sizes of the actors and the critic"""
-    std_param: Literal["sigmoid", "log"] = "sigmoid"
-    """Gaussian std: `sigmoid` is HARL's 0.5*sigmoid(p) (0.37 at start, at most 0.5); `log` is a free log-std"""
     factor: Literal["clipped", "raw", "none"] = "clipped"
     """the factor M of a later agent's advantage: `clipped` min(M, c) LV-HAPPO, `raw` HAPPO, `none` (M = 1) MAPPO"""
     factor_clip: float = 1.0
@@ -205,21 +199,20 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float
 class Actor(nn.Module):
     """One agent's policy over its local observation: Gaussian (state-independent std) or categorical."""
 
-    def __init__(self, obs_dim: int, act_dim: int, continuous: bool, hidden_sizes: tuple[int, ...], std_param: str):
+    def __init__(self, obs_dim: int, act_dim: int, continuous: bool, hidden_sizes: tuple[int, ...]):
         super().__init__()
-        self.obs_dim, self.act_dim, self.continuous, self.std_type = obs_dim, act_dim, continuous, std_param
+        self.obs_dim, self.act_dim, self.continuous = obs_dim, act_dim, continuous
         self.net = mlp(obs_dim, hidden_sizes, act_dim, out_std=0.01)
-        if continuous:  # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
-            self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
+        if continuous:  # HARL's std: 0.5 * sigmoid(p), p = 1 at start (0.37; at most 0.5)
+            self.std_param = nn.Parameter(torch.ones(act_dim))
 
     def distribution(self, obs: Tensor) -> Distribution:
         """The action distribution given padded observations (..., max_obs_dim): categorical over the logits, or
-        Gaussian with HARL's std 0.5 * sigmoid(p) or exp(p) (its log-probability sums over the dimensions)."""
+        Gaussian (its log-probability sums over the dimensions)."""
         out = self.net(obs[..., : self.obs_dim])
         if not self.continuous:
             return Categorical(logits=out)
-        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Independent(Normal(out, std.expand_as(out)), 1)
+        return Independent(Normal(out, (0.5 * torch.sigmoid(self.std_param)).expand_as(out)), 1)
 
 
 @torch.inference_mode()
@@ -237,9 +230,9 @@ def act(actors: list, obs: Tensor, deterministic: bool = False) -> tuple[Tensor,
 class ValueNorm(nn.Module):
     """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
-    def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
-        self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
+        self.beta, self.epsilon = beta, epsilon
         self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
@@ -248,16 +241,16 @@ class ValueNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+        if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
     def normalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return (x - mean) / std if self.enabled else x
+        return (x - mean) / std
 
     def denormalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return x * std + mean if self.enabled else x
+        return x * std + mean
 
 
 def compute_gae(
@@ -303,36 +296,34 @@ def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, m_use
     return -(m_used * surrogate).mean()
 
 
-def critic_loss(
-    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
-) -> Tensor:
-    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
+def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, huber_delta: float) -> Tensor:
+    """Per sample: the Huber error of the normalized value, the worse of clipped and not (as MAPPO and HARL)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
-    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
-    return errors.max(0).values
+    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=huber_delta)
+    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=huber_delta))
 
 
-def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float, logs: dict) -> None:
+    """A step on the clipped gradient; a non-finite loss or gradient skips it (counted in logs["skipped_steps"])."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
         optimizer.step()
-    return finite
+    else:  # nothing non-finite is kept
+        logs["skipped_steps"].append(1)
 
 
-def agent_step(actor: nn.Module, optimizer, samples: list, args: Args, logs: dict) -> bool:
+def agent_step(actor: nn.Module, optimizer, samples: list, args: Args, logs: dict) -> None:
     """One step on -E[m_used * clipped surrogate] - ent_coef * entropy over a minibatch of an agent's samples (obs,
-    actions, behaviour log-probabilities, advantages, m_used); False when a non-finite loss or gradient skipped it."""
+    actions, behaviour log-probabilities, advantages, m_used)."""
     obs, actions, oldlogprob, advantages, m_used = samples
     dist = actor.distribution(obs)
     newlogprob, entropy_loss = dist.log_prob(actions), dist.entropy().mean()
     pg_loss = actor_loss(newlogprob, oldlogprob, advantages, m_used, args.clip_coef)
     logs["policy_loss"].append(pg_loss.item())
     logs["entropy"].append(entropy_loss.item())
-    return gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm)
+    gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm, logs)
 
 
 @torch.no_grad()
@@ -357,12 +348,7 @@ def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, 
     writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
 
 
-def own_actions(actions: Tensor, actor: nn.Module) -> Tensor:
-    """An agent's actions (B, max_act_dim) or (B,) without the padding: its first act_dim entries, or the indices."""
-    return actions[:, : actor.act_dim] if actions.dim() > 1 else actions
-
-
-def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """LV-HAPPO's sequential update of separate actors. In a random order i_1, ..., i_n, agent i_k goes through all
     its epochs on
 
@@ -371,37 +357,35 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
 
     r being the agent's ratio pi_new / pi_behaviour; then its ratio on every sample multiplies the unclipped M that
     the next agent sees. batch: obs (B, N, max_obs_dim), actions (B, N[, max_act_dim]), behaviour log-probabilities
-    (B, N), advantages (B,). Returns the number of steps skipped for a non-finite loss or gradient."""
+    (B, N), advantages (B,)."""
     b_obs, b_actions, b_logprobs, b_advantages = batch
     batch_size, num_agents = b_logprobs.shape
-    b_inds, skipped = np.arange(batch_size), 0
+    b_inds = np.arange(batch_size)
     factor = torch.ones(batch_size, device=b_advantages.device)  # M: 1 for the first agent of the order
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
     for k, agent in enumerate(order):
         actor, optimizer = actors[agent], optimizers[agent]
         m_used = factor_used(factor, args.factor, args.factor_clip)
         log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
-        actions = own_actions(b_actions[:, agent], actor)
+        actions = b_actions[:, agent, : actor.act_dim] if b_actions.dim() > 2 else b_actions[:, agent]  # unpadded
         samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, batch_size, args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
-                finite = agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
-                skipped += not finite
+                agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
         logratio = agent_logratio(actor, samples)
         log_update(logratio, args.clip_coef, logs)
         factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
-    return skipped
 
 
-def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """The paper's update of one actor shared by all agents: in each epoch M restarts at 1; for each minibatch, every
     agent of the order takes one step on its samples of it, weighted as in update_actors, and its ratio on every sample
-    then multiplies M. The last epoch's first pass is logged. Batch and return as in update_actors."""
+    then multiplies M. The last epoch's first pass is logged. The batch as in update_actors."""
     b_obs, b_actions, b_logprobs, b_advantages = batch
     batch_size, num_agents = b_logprobs.shape
-    b_inds, skipped = np.arange(batch_size), 0
+    b_inds = np.arange(batch_size)
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(batch_size, device=b_advantages.device)
@@ -412,14 +396,12 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
                 m_used = factor_used(factor, args.factor, args.factor_clip)
                 if epoch == args.update_epochs - 1 and start == 0:
                     log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
-                actions = own_actions(b_actions[:, agent], actor)
+                actions = b_actions[:, agent, : actor.act_dim] if b_actions.dim() > 2 else b_actions[:, agent]
                 samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
-                finite = agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
-                skipped += not finite
+                agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
                 logratio = agent_logratio(actor, samples)
                 log_update(logratio, args.clip_coef, logs)
                 factor = factor * logratio.exp()  # the carry, as in update_actors
-    return skipped
 
 
 def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
@@ -478,7 +460,7 @@ def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device
     if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
         fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
     sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]
-    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
+    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes) for o, a in sizes)
     return actors.to(device), [actors[0]] * len(obs_dims) if args.share_actor else list(actors)
 
 
@@ -612,7 +594,7 @@ if __name__ == "__main__":
 
     actors, policies = make_actors(args, obs_dims, act_dims, device)  # agent i acts with policies[i]
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
-    value_norm = ValueNorm(args.norm_value).to(device)
+    value_norm = ValueNorm().to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
@@ -676,27 +658,27 @@ if __name__ == "__main__":
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
         # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
-        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss", "skipped_steps")}
         batch = (b_obs, b_actions, b_logprobs, b_advantages)
         if args.share_actor:
-            skipped = update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
+            update_shared_actor(actors[0], actor_optimizers[0], batch, args, writer, global_step, logs)
         else:
-            skipped = update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
+            update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         b_inds = np.arange(args.batch_size)
-        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
-                v_loss = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], *value_loss_args).mean()
-                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.huber_delta)
+                v_loss = errors.mean()
+                gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
-        if skipped:
+        if skipped := len(logs.pop("skipped_steps")):
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
 

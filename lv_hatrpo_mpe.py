@@ -79,18 +79,12 @@ class Args:
     """the number of epochs of the critic's update"""
     clip_coef: float = 0.2
     """the value-loss clipping coefficient (also the ratio band of `losses/clipfrac`)"""
-    clip_vloss: bool = True
-    """if toggled, use the clipped value loss"""
-    huber_delta: Optional[float] = 10.0
-    """the delta of the critic's Huber loss (`None` for the squared error)"""
-    norm_value: bool = True
-    """if toggled, normalize the value targets with running statistics"""
+    huber_delta: float = 10.0
+    """the delta of the critic's Huber loss on the normalized value targets"""
     max_grad_norm: float = 10.0
     """the maximum norm for the gradient clipping of the critic"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """the hidden layer sizes of the actors and the critic"""
-    std_param: Literal["sigmoid", "log"] = "sigmoid"
-    """Gaussian std: `sigmoid` is HARL's 0.5*sigmoid(p) (0.37 at start, at most 0.5); `log` is a free log-std"""
     factor: Literal["clipped", "raw", "none"] = "clipped"
     """the factor M of a later agent's advantage: `clipped` min(M, c) LV-HATRPO, `raw` HATRPO, `none` (M = 1)"""
     factor_clip: float = 1.0
@@ -124,10 +118,9 @@ class Args:
 
 
 class MultiAgentArrays(gym.Env):
-    """One MPE scenario as a gymnasium Env of arrays, for gymnasium's vector API: observation `obs` (num_agents,
-    max_obs_dim), each agent's zero-padded, and `state`; action (num_agents, max_act_dim) floats or (num_agents,)
-    integers; reward the sum of the agents' rewards. It makes the AEC calls on mpe2's `raw_env` that its
-    `parallel_env` makes, without the extra observations and wrappers (half the time of a step)."""
+    """One MPE scenario as an Env of arrays for gymnasium's vector API: `obs` (num_agents, max_obs_dim), zero-padded,
+    and `state`; actions (num_agents, max_act_dim) or (num_agents,); the team's reward. It calls mpe2's `raw_env` as
+    its `parallel_env` does, without the extra observations and wrappers (half the time of a step)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
@@ -210,21 +203,20 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float
 class Actor(nn.Module):
     """One agent's policy over its local observation: Gaussian (state-independent std) or categorical."""
 
-    def __init__(self, obs_dim: int, act_dim: int, continuous: bool, hidden_sizes: tuple[int, ...], std_param: str):
+    def __init__(self, obs_dim: int, act_dim: int, continuous: bool, hidden_sizes: tuple[int, ...]):
         super().__init__()
-        self.obs_dim, self.act_dim, self.continuous, self.std_type = obs_dim, act_dim, continuous, std_param
+        self.obs_dim, self.act_dim, self.continuous = obs_dim, act_dim, continuous
         self.net = mlp(obs_dim, hidden_sizes, act_dim, out_std=0.01)
-        if continuous:  # HARL: std = 0.5 * sigmoid(p), p = 1 at start; else log std = p, p = 0 at start
-            self.std_param = nn.Parameter(torch.full((act_dim,), 1.0 if std_param == "sigmoid" else 0.0))
+        if continuous:  # HARL's std: 0.5 * sigmoid(p), p = 1 at start (0.37; at most 0.5)
+            self.std_param = nn.Parameter(torch.ones(act_dim))
 
     def distribution(self, obs: Tensor) -> Distribution:
         """The action distribution given padded observations (..., max_obs_dim): categorical over the logits, or
-        Gaussian with HARL's std 0.5 * sigmoid(p) or exp(p) (its log-probability sums over the dimensions)."""
+        Gaussian (its log-probability sums over the dimensions)."""
         out = self.net(obs[..., : self.obs_dim])
         if not self.continuous:
             return Categorical(logits=out)
-        std = 0.5 * torch.sigmoid(self.std_param) if self.std_type == "sigmoid" else self.std_param.exp()
-        return Independent(Normal(out, std.expand_as(out)), 1)
+        return Independent(Normal(out, (0.5 * torch.sigmoid(self.std_param)).expand_as(out)), 1)
 
 
 @torch.inference_mode()
@@ -242,9 +234,9 @@ def act(actors: list, obs: Tensor, deterministic: bool = False) -> tuple[Tensor,
 class ValueNorm(nn.Module):
     """Running mean and variance of the value targets (debiased exponential averages, as in MAPPO and HARL)."""
 
-    def __init__(self, enabled: bool = True, beta: float = 0.99999, epsilon: float = 1e-5):
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
-        self.enabled, self.beta, self.epsilon = enabled, beta, epsilon
+        self.beta, self.epsilon = beta, epsilon
         self.register_buffer("stats", torch.zeros(3))  # running mean, running mean of squares, debiasing term
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
@@ -253,16 +245,16 @@ class ValueNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        if self.enabled and torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
+        if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
     def normalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return (x - mean) / std if self.enabled else x
+        return (x - mean) / std
 
     def denormalize(self, x: Tensor) -> Tensor:
         mean, std = self.mean_std()
-        return x * std + mean if self.enabled else x
+        return x * std + mean
 
 
 def compute_gae(
@@ -387,33 +379,27 @@ def log_factor(writer: SummaryWriter, k: int, factor: Tensor, weighted: Tensor, 
     writer.add_scalar(f"lv/adv_variance_{k}", weighted.var().nan_to_num().item(), step)
 
 
-def own_actions(actions: Tensor, actor: nn.Module) -> Tensor:
-    """An agent's actions (B, max_act_dim) or (B,) without the padding: its first act_dim entries, or the indices."""
-    return actions[:, : actor.act_dim] if actions.dim() > 1 else actions
-
-
-def update_actors(actors: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> int:
+def update_actors(actors: list, batch: tuple, args: Args, writer, step: int, logs: dict) -> None:
     """LV-HATRPO's sequential update. In a random order i_1, ..., i_n, agent i_k takes one trust-region step
     (trpo_step) on its linear surrogate
 
         E[ m_used * r * A ],   m_used = min(M, c),   M = prod_{j < k} r^{i_j}   (HATRPO: M; MAPPO-style: 1),
 
     then its ratio on every sample multiplies the unclipped M that the next agent sees. batch: obs (B, N, max_obs_dim),
-    actions (B, N[, max_act_dim]), behaviour log-probabilities (B, N), advantages (B,). Returns the number of steps
-    skipped for a non-finite surrogate or gradient."""
+    actions (B, N[, max_act_dim]), behaviour log-probabilities (B, N), advantages (B,)."""
     b_obs, b_actions, b_logprobs, b_advantages = batch
     batch_size, num_agents = b_logprobs.shape
-    skipped = 0
     factor = torch.ones(batch_size, device=b_advantages.device)  # M: 1 for the first agent of the order
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
     for k, agent in enumerate(order):
         actor = actors[agent]
         m_used = factor_used(factor, args.factor, args.factor_clip)
         log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
-        actions = own_actions(b_actions[:, agent], actor)
+        actions = b_actions[:, agent, : actor.act_dim] if b_actions.dim() > 2 else b_actions[:, agent]  # unpadded
         samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
         result = trpo_step(actor, *samples, args)
-        skipped += result is None
+        if result is None:  # a non-finite surrogate or gradient: no step
+            logs["skipped_steps"].append(1)
         for name, value in zip(("kl", "line_search_steps", "accepted"), result or (), strict=False):
             writer.add_scalar(f"hatrpo/{name}_{k}", value, step)
         with torch.no_grad():  # the new policy once, for its entropy and its ratio
@@ -423,7 +409,6 @@ def update_actors(actors: list, batch: tuple, args: Args, writer, step: int, log
         log_update(logratio, args.clip_coef, logs)
         logs["policy_loss"].append(-surrogate(samples[2] + logratio, samples[2], b_advantages, m_used).item())
         factor = factor * logratio.exp()  # the carry: the unclipped M times agent i_k's new ratio
-    return skipped
 
 
 def fail(message: str) -> None:  # one line on stderr that says what to do, and exit status 1
@@ -455,24 +440,22 @@ def check_args(args: Args) -> Optional[str]:
     return next((message for wrong, message in problems if wrong), None)
 
 
-def critic_loss(
-    newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, clip_vloss: bool, huber_delta: float | None
-) -> Tensor:
-    """Per sample: the Huber (or squared) error of the normalized value, the worse of clipped and not (clip_vloss)."""
+def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, huber_delta: float) -> Tensor:
+    """Per sample: the Huber error of the normalized value, the worse of clipped and not (as MAPPO and HARL)."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    predictions = torch.stack([newvalue, v_clipped] if clip_vloss else [newvalue])
-    errors = F.huber_loss(predictions, returns.expand_as(predictions), reduction="none", delta=huber_delta or math.inf)
-    return errors.max(0).values
+    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=huber_delta)
+    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=huber_delta))
 
 
-def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float) -> bool:
-    """A step on the clipped gradient, skipped (False) for a non-finite loss or gradient: nothing non-finite is kept."""
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float, logs: dict) -> None:
+    """A step on the clipped gradient; a non-finite loss or gradient skips it (counted in logs["skipped_steps"])."""
     optimizer.zero_grad()
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if finite := bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
         optimizer.step()
-    return finite
+    else:  # nothing non-finite is kept
+        logs["skipped_steps"].append(1)
 
 
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
@@ -496,7 +479,7 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
 def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
     """The actors, one per agent (a trust-region step has no shared actor), and the one each agent acts with."""
     sizes = zip(obs_dims, act_dims, strict=True)
-    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes, args.std_param) for o, a in sizes)
+    actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes) for o, a in sizes)
     return actors.to(device), list(actors)
 
 
@@ -636,7 +619,7 @@ if __name__ == "__main__":
 
     actors, _ = make_actors(args, obs_dims, act_dims, device)
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
-    value_norm = ValueNorm(args.norm_value).to(device)
+    value_norm = ValueNorm().to(device)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
@@ -697,23 +680,23 @@ if __name__ == "__main__":
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
         # ALGO LOGIC: sequential trust-region steps in a random order, each agent's advantage weighted by min(M, c)
-        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss")}
-        skipped = update_actors(actors, (b_obs, b_actions, b_logprobs, b_advantages), args, writer, global_step, logs)
+        logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "value_loss", "skipped_steps")}
+        update_actors(actors, (b_obs, b_actions, b_logprobs, b_advantages), args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
         b_inds = np.arange(args.batch_size)
-        value_loss_args = (args.clip_coef, args.clip_vloss, args.huber_delta)
         for epoch in range(args.critic_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
-                v_loss = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], *value_loss_args).mean()
-                skipped += not gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm)
+                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.huber_delta)
+                v_loss = errors.mean()
+                gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
-        if skipped:
+        if skipped := len(logs.pop("skipped_steps")):
             writer.add_scalar("charts/skipped_steps", skipped, global_step)
             print(f"warning: iteration {iteration}: {skipped} non-finite steps skipped", file=sys.stderr)
 

@@ -34,7 +34,7 @@ def test_heterogeneous_partition_is_padded():
     small = int(np.argmin(humanoid.obs_dims))
     assert np.all(obs["obs"][small, humanoid.obs_dims[small] :] == 0)
     dims = zip(humanoid.obs_dims, humanoid.act_dims, strict=True)
-    actors = torch.nn.ModuleList(lv.Actor(o, a, (16,), "sigmoid") for o, a in dims)
+    actors = torch.nn.ModuleList(lv.Actor(o, a, (16,)) for o, a in dims)
     action, logprob = lv.act(actors, torch.as_tensor(obs["obs"][None]))
     assert action.shape == (1, 2, 9) and torch.all(action[0, 1, 8:] == 0) and logprob.shape == (1, 2)
     dist = actors[1].distribution(torch.as_tensor(obs["obs"][None, 1]))
@@ -42,7 +42,7 @@ def test_heterogeneous_partition_is_padded():
 
 
 def test_actors_of_one_shape_act_in_one_pass_with_the_loops_numbers():
-    actors = [lv.Actor(30, 2, (16, 16), "sigmoid") for _ in range(5)]
+    actors = [lv.Actor(30, 2, (16, 16)) for _ in range(5)]
     for actor in actors:  # distinct actors that differ in every parameter, the std included
         torch.nn.init.normal_(actor.std_param)
         torch.nn.init.normal_(actor.net[1].bias)
@@ -58,7 +58,7 @@ def test_actors_of_one_shape_act_in_one_pass_with_the_loops_numbers():
         torch.testing.assert_close(actor.distribution(obs[:, i]).log_prob(looped[0][:, i]), looped[1][:, i])
     torch.testing.assert_close(looped[0][:, 2], actors[2](obs[:, 2])[0])  # deterministic: the mean
     assert lv.stack_actors([actors[0]] * 3) is None  # a shared actor acts as one
-    assert lv.stack_actors([actors[0], lv.Actor(30, 1, (16, 16), "sigmoid")]) is None  # sizes differ
+    assert lv.stack_actors([actors[0], lv.Actor(30, 1, (16, 16))]) is None  # sizes differ
 
 
 def test_global_obs_is_state_plus_one_hot_id():

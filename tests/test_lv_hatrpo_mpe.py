@@ -16,7 +16,7 @@ TINY = ("--total-timesteps", "200", "--num-envs", "2", "--num-steps", "50")
 
 def step_batch(continuous: bool, seed: int = 0) -> tuple:
     torch.manual_seed(seed)
-    actor = lv.Actor(6, 3, continuous, (16,), "sigmoid")
+    actor = lv.Actor(6, 3, continuous, (16,))
     obs = torch.randn(256, 6)
     with torch.no_grad():
         dist = actor.distribution(obs)

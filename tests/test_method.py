@@ -57,7 +57,6 @@ def recorder(module, monkeypatch) -> list:
     def step(actor, optimizer, *rest):  # (samples, args, logs), SMAC: (agent, samples, args, logs)
         samples = rest[-3]
         note(actor, samples[0], samples[-1])  # obs first, m_used last
-        return True
 
     def trpo_step(actor, obs, actions, oldlogprob, advantages, m_used, args):
         note(actor, obs, m_used)
@@ -82,14 +81,14 @@ def script_args(module, *flags: str):
 
 
 def update(module, ratios: list, *flags: str) -> tuple:
-    """update_actors on stand-ins with these ratios: the skipped count, the writer and the logs."""
-    writer, logs = Writer(), {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac")}
+    """update_actors on stand-ins with these ratios: the writer and the logs."""
+    writer, logs = Writer(), {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "skipped_steps")}
     smac, args = module.__name__ == "lv_happo_smac", script_args(module, *flags)
     actors = [(SMACStandIn if smac else StandIn)(ratio) for ratio in ratios]
     optimizers = [] if module.__name__ == "lv_hatrpo_mpe" else [[None] * len(ratios)]  # one trust-region step each
     data = smac_batch(torch.ones(BATCH, len(ratios))) if smac else batch(len(ratios))
-    skipped = module.update_actors(actors, *optimizers, data, args, writer, 0, logs)
-    return skipped, writer, logs
+    module.update_actors(actors, *optimizers, data, args, writer, 0, logs)
+    return writer, logs
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -105,10 +104,10 @@ def update(module, ratios: list, *flags: str) -> tuple:
 def test_each_agent_is_weighted_by_the_carried_factor(script, factor, weights, monkeypatch):
     module = importlib.import_module(script)
     steps = recorder(module, monkeypatch)
-    skipped, writer, logs = update(module, [2.0, 0.25, 3.0], "--factor", factor, "--fixed-order")
+    writer, logs = update(module, [2.0, 0.25, 3.0], "--factor", factor, "--fixed-order")
     # agent after agent, each through its 2 epochs of 2 minibatches, each step weighted by its position's factor
     assert steps == [(agent, weight) for agent, weight in enumerate(weights) for _ in range(4)]
-    assert skipped == 0
+    assert logs["skipped_steps"] == []
     # the logged factor is M itself, unclipped; the variance is that of m_used * A
     assert [writer.scalars[f"lv/factor_mean_{k}"] for k in range(3)] == pytest.approx([1.0, 2.0, 0.5])
     assert writer.scalars["lv/factor_clip_fraction_1"] == 1.0 and writer.scalars["lv/factor_clip_fraction_2"] == 0.0
@@ -155,11 +154,11 @@ def test_shared_actor_interleaves_agents_and_restarts_the_factor_every_epoch(scr
     # multiplies M; M is 1 again at the start of the next epoch
     module = importlib.import_module(script)
     steps = recorder(module, monkeypatch)
-    writer, logs = Writer(), {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac")}
+    writer, logs = Writer(), {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "skipped_steps")}
     args = script_args(module, "--factor", factor, "--fixed-order", "--share-actor")
-    skipped = module.update_shared_actor(StandIn(2.0, 0.25, 3.0), None, batch(3), args, writer, 0, logs)
+    module.update_shared_actor(StandIn(2.0, 0.25, 3.0), None, batch(3), args, writer, 0, logs)
     one_epoch = list(zip([0, 1, 2, 0, 1, 2], weights, strict=True))  # 2 minibatches x 3 agents
-    assert steps == one_epoch + one_epoch and skipped == 0
+    assert steps == one_epoch + one_epoch and logs["skipped_steps"] == []
     assert [writer.scalars[f"lv/factor_mean_{k}"] for k in range(3)] == [1.0, 2.0, 0.5]  # the last epoch's first pass
 
 
@@ -167,8 +166,9 @@ def test_shared_actor_interleaves_agents_and_restarts_the_factor_every_epoch(scr
 def test_hatrpo_carries_the_factor_the_same_way(factor, weights, monkeypatch):
     module = importlib.import_module("lv_hatrpo_mpe")
     steps = recorder(module, monkeypatch)
-    skipped, writer, _ = update(module, [2.0, 0.25, 3.0], "--factor", factor, "--fixed-order")
-    assert steps == list(enumerate(weights)) and skipped == 0  # one trust-region step per agent, in the order
+    writer, logs = update(module, [2.0, 0.25, 3.0], "--factor", factor, "--fixed-order")
+    assert steps == list(enumerate(weights))  # one trust-region step per agent, in the order
+    assert logs["skipped_steps"] == []
     assert [writer.scalars[f"lv/factor_mean_{k}"] for k in range(3)] == pytest.approx([1.0, 2.0, 0.5])
     assert writer.scalars["hatrpo/kl_2"] == 0.004 and writer.scalars["hatrpo/accepted_0"] == 1.0
 
@@ -213,7 +213,7 @@ def test_smac_carries_the_factor_and_a_dead_agent_carries_a_ratio_of_1(factor, w
     args = script_args(module, "--factor", factor, "--fixed-order", "--num-minibatches", "1")
     args.minibatch_size = BATCH
     logs = {"approx_kl": [], "clipfrac": []}
-    assert module.update_actors(actors, [None] * 3, smac_batch(alive), args, Writer(), 0, logs) == 0
+    module.update_actors(actors, [None] * 3, smac_batch(alive), args, Writer(), 0, logs)
     assert seen == [(agent, weights[agent]) for agent in range(3) for _ in range(2)]  # 2 epochs of 1 minibatch
     # the KL estimate over the living samples only: agent 0's three, with ratio 2
     assert logs["approx_kl"][0] == pytest.approx((2 - 1) - math.log(2))
@@ -255,5 +255,5 @@ def test_the_recurrent_script_carries_the_factor_over_the_whole_rollout(factor, 
     args = script_args(module, "--factor", factor, "--fixed-order", "--data-chunk-length", "2")
     args.minibatch_size = 2  # both chunks in one minibatch
     batch_ = (obs, avail.bool(), actions, logprobs, advantages, alive, starts, hidden)
-    assert module.update_actors(actors, [None] * 3, batch_, args, Writer(), 0, {"approx_kl": [], "clipfrac": []}) == 0
+    module.update_actors(actors, [None] * 3, batch_, args, Writer(), 0, {"approx_kl": [], "clipfrac": []})
     assert seen == [(agent, weights[agent]) for agent in range(3) for _ in range(2)]  # 2 epochs of 1 minibatch

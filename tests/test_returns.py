@@ -20,6 +20,12 @@ class Constant(nn.Module):
         return torch.full((*states.shape[:-1], 1), 10.0)
 
 
+def identity(value_norm: nn.Module) -> nn.Module:
+    """Running statistics of mean 0 and std 1: values pass through unchanged."""
+    value_norm.stats.copy_(torch.tensor([0.0, 1.0, 1.0]))
+    return value_norm
+
+
 @pytest.mark.parametrize("script", SHARING)
 def test_truncation_bootstraps_and_termination_does_not(script):
     # 2 steps x 2 envs, reward 1, V = 10: env 0 truncated at step 0 (its final state is worth 10), env 1 terminated
@@ -33,7 +39,7 @@ def test_truncation_bootstraps_and_termination_does_not(script):
         torch.tensor([[1.0, 1], [0, 0]]),
     )
     rollout = (states, next_states, rewards, terminations, dones)
-    advantages, returns, values = module.advantages_and_returns(Constant(), module.ValueNorm(False), rollout, args)
+    advantages, returns, values = module.advantages_and_returns(Constant(), identity(module.ValueNorm()), rollout, args)
     # step 0: 1 + 0.5 * 10 - 10 = -4 (truncated, no GAE across the reset) and 1 - 10 = -9 (terminated)
     # step 1: 1 + 0.5 * 10 - 10 = -4 in both
     torch.testing.assert_close(advantages, torch.tensor([[-4.0, -9.0], [-4.0, -4.0]]))
@@ -44,7 +50,7 @@ def test_truncation_bootstraps_and_termination_does_not(script):
 @pytest.mark.parametrize("script", SHARING)
 def test_value_normalization_takes_on_the_targets(script):
     module = importlib.import_module(script)
-    value_norm = module.ValueNorm(True)
+    value_norm = module.ValueNorm()
     rollout = (
         torch.zeros(3, 2, 4),
         torch.zeros(3, 2, 4),
@@ -78,7 +84,7 @@ def test_smac_values_each_agent_with_the_fp_state(state_type):
     rollout = (states, obs, states, obs, rewards, terminations, dones)
     critic = Constant()
     advantages, returns, values, critic_in = module.advantages_and_returns(
-        critic, module.ValueNorm(False), rollout, args
+        critic, identity(module.ValueNorm()), rollout, args
     )
     agents = 1 if state_type == "EP" else 3
     assert critic_in.shape == (2, 2, agents, 5 if state_type == "EP" else 5 + 4 + 3)

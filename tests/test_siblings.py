@@ -28,7 +28,6 @@ SHARED = {
     "agent_step": SHARING,
     "agent_logratio": SHARING,
     "log_update": SHARING | {"lv_hatrpo_mpe.py"},
-    "own_actions": SHARING | {"lv_hatrpo_mpe.py"},
     "update_actors": SHARING,
     "update_shared_actor": SHARING,
     "log_factor": EVERY,
