@@ -898,6 +898,7 @@ if __name__ == "__main__":
         print(line, flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
         if interrupted or due:
+            writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
             save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:

@@ -432,8 +432,9 @@ def check_args(args: Args) -> Optional[str]:
     return next((message for wrong, message in problems if wrong), None)
 
 
-def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
-    """Team returns of deterministic episodes, one per environment of a batch of their own (video: environment 0)."""
+def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> float:
+    """The mean team return of deterministic episodes, one per environment of a batch of their own (video: environment
+    0), printed with its spread."""
     shared = importlib.import_module("vmas.simulator.environment").Environment.vmas_random_state
     saved = list(shared)  # VMAS keeps one random state for all its environments: put training's back afterwards
     envs = make_env(args, args.eval_episodes, args.seed + 10_000, device)
@@ -452,7 +453,9 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
         importlib.import_module("gymnasium.utils.save_video").save_video(frames, video_folder, fps=30)
     envs.close()
     shared[:] = saved
-    return returns.tolist()
+    mean, std = returns.mean().item(), returns.std(correction=0).item()
+    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(returns)} episodes)")
+    return mean
 
 
 def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
@@ -472,10 +475,7 @@ def evaluate_saved_model(args: Args) -> None:
     actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
     env.close()
     load_model(args.eval_model, actors)
-    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
-    episodic_returns = evaluate(policies, args, device, video_folder)
-    mean, std = np.mean(episodic_returns), np.std(episodic_returns)
-    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+    evaluate(policies, args, device, f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None)
     sys.exit(0)
 
 
@@ -692,10 +692,11 @@ if __name__ == "__main__":
         if recent_returns:
             mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
-            writer.add_scalar("eval/episodic_return", np.mean(evaluate(policies, args, device)), global_step)
+            writer.add_scalar("eval/episodic_return", evaluate(policies, args, device), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
         if interrupted or due:
+            writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
             save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
@@ -713,9 +714,7 @@ if __name__ == "__main__":
         print(f"model saved to {model_path}")
         load_model(model_path, actors)  # evaluated from the file, as a user will
     if args.eval_every or args.save_model or args.capture_video:
-        episodic_returns = evaluate(policies, args, device, f"videos/{run_name}" if args.capture_video else None)
-        writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
-        mean, std = np.mean(episodic_returns), np.std(episodic_returns)
-        print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+        video_folder = f"videos/{run_name}" if args.capture_video else None
+        writer.add_scalar("eval/episodic_return", evaluate(policies, args, device, video_folder), global_step)
 
     writer.close()

@@ -170,10 +170,7 @@ class MultiAgentArrays(gym.Env):
 
 
 def make_env(args: Args, render_mode: Optional[str] = None):
-    def thunk():
-        return MultiAgentArrays(args, render_mode)
-
-    return thunk
+    return lambda: MultiAgentArrays(args, render_mode)  # a thunk for the vector API
 
 
 def reached_states(next_state: Tensor, truncated: np.ndarray, infos: dict) -> Tensor:
@@ -458,8 +455,9 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
         logs["skipped_steps"].append(1)
 
 
-def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> list:
-    """Team returns of deterministic episodes on an environment of their own, seeded apart from training's."""
+def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> float:
+    """The mean team return of deterministic episodes on an environment of their own (seeded apart from training's),
+    printed with its spread."""
     env = make_env(args, "rgb_array")()
     if video_folder is not None:
         env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
@@ -473,7 +471,9 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
             episodic_return, done = episodic_return + reward, terminated or truncated
         returns.append(episodic_return)
     env.close()
-    return returns
+    mean, std = np.mean(returns), np.std(returns)
+    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(returns)} episodes)")
+    return float(mean)
 
 
 def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
@@ -491,10 +491,7 @@ def evaluate_saved_model(args: Args) -> None:
     actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
     env.close()
     load_model(args.eval_model, actors)
-    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
-    episodic_returns = evaluate(policies, args, device, video_folder)
-    mean, std = np.mean(episodic_returns), np.std(episodic_returns)
-    print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+    evaluate(policies, args, device, f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None)
     sys.exit(0)
 
 
@@ -710,10 +707,11 @@ if __name__ == "__main__":
         if recent_returns:
             mean_return, recent_returns = np.mean(recent_returns), []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
-            writer.add_scalar("eval/episodic_return", np.mean(evaluate(actors, args, device)), global_step)
+            writer.add_scalar("eval/episodic_return", evaluate(actors, args, device), global_step)
         print(f"global_step={global_step}, episodic_return={mean_return:.2f}, SPS={sps}", flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
         if interrupted or due:
+            writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
             save_checkpoint(checkpoint_path, stateful, progress)
         if interrupted:
@@ -731,9 +729,7 @@ if __name__ == "__main__":
         print(f"model saved to {model_path}")
         load_model(model_path, actors)  # evaluated from the file, as a user will
     if args.eval_every or args.save_model or args.capture_video:
-        episodic_returns = evaluate(actors, args, device, f"videos/{run_name}" if args.capture_video else None)
-        writer.add_scalar("eval/episodic_return", np.mean(episodic_returns), global_step)
-        mean, std = np.mean(episodic_returns), np.std(episodic_returns)
-        print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {len(episodic_returns)} episodes)")
+        video_folder = f"videos/{run_name}" if args.capture_video else None
+        writer.add_scalar("eval/episodic_return", evaluate(actors, args, device, video_folder), global_step)
 
     writer.close()
