@@ -581,8 +581,8 @@ def start_env(args: Args, num_envs: int, seed: int, device: torch.device, replay
 
 
 def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str] = None) -> tuple:
-    """Team returns and wins of deterministic episodes on evaluation envs (SMAX: one per game; sc2: all in one game);
-    with video_folder, a GIF of the first SMAX game's episode or StarCraft II's replays."""
+    """The mean team return and win rate of deterministic episodes on evaluation envs (SMAX: one per game; sc2: all
+    in one game), printed; with video_folder, a GIF of the first SMAX game's episode or StarCraft II's replays."""
     returns, wins, replay = [], [], []
     episodes = np.zeros(envs.num_envs, int)  # per game, up to ceil(eval_episodes / num_envs) each
     episode_returns = torch.zeros(envs.num_envs, device=envs.device)
@@ -613,12 +613,10 @@ def evaluate(actors: nn.ModuleList, envs, args: Args, video_folder: Optional[str
             )
         else:
             envs.games[0].save_replay()
-    return returns[: args.eval_episodes], wins[: args.eval_episodes]
-
-
-def print_evaluation(returns: list, wins: list) -> None:
-    mean, std, n, win_rate = np.mean(returns), np.std(returns), len(returns), np.mean(wins)
+    returns, win_rate = returns[: args.eval_episodes], float(np.mean(wins[: args.eval_episodes]))
+    mean, std, n = float(np.mean(returns)), np.std(returns), len(returns)
     print(f"eval: episodic_return {mean:.2f} ± {std:.2f} (mean ± std of {n} episodes), win rate {win_rate:.2f}")
+    return mean, win_rate
 
 
 def make_actors(args: Args, envs, device: torch.device) -> tuple[nn.ModuleList, list]:
@@ -639,7 +637,7 @@ def evaluate_saved_model(args: Args) -> None:
     envs = start_env(args, num_envs, args.seed + 10_000, device, video_folder or "")[0]
     actors, policies = make_actors(args, envs, device)
     load_model(args.eval_model, actors)
-    print_evaluation(*evaluate(policies, envs, args, video_folder))
+    evaluate(policies, envs, args, video_folder)
     envs.close()
     sys.exit(0)
 
@@ -892,8 +890,8 @@ if __name__ == "__main__":
             writer.add_scalar("charts/win_rate", np.mean(recent_wins), global_step)
             mean_return, win_rate, recent_returns, recent_wins = np.mean(recent_returns), np.mean(recent_wins), [], []
         if args.eval_every and iteration % args.eval_every == 0 and iteration < args.num_iterations:
-            for name, values in zip(("episodic_return", "win_rate"), evaluate(policies, eval_envs, args), strict=True):
-                writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
+            for name, value in zip(("episodic_return", "win_rate"), evaluate(policies, eval_envs, args), strict=True):
+                writer.add_scalar(f"eval/{name}", value, global_step)
         line = f"global_step={global_step}, episodic_return={mean_return:.2f}, win_rate={win_rate:.2f}, SPS={sps}"
         print(line, flush=True)
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
@@ -917,9 +915,8 @@ if __name__ == "__main__":
         load_model(model_path, actors)  # evaluated from the file, as a user will
     if args.eval_every or args.save_model or args.capture_video:
         results = evaluate(policies, eval_envs, args, f"videos/{run_name}" if args.capture_video else None)
-        for name, values in zip(("episodic_return", "win_rate"), results, strict=True):
-            writer.add_scalar(f"eval/{name}", np.mean(values), global_step)
-        print_evaluation(*results)
+        for name, value in zip(("episodic_return", "win_rate"), results, strict=True):
+            writer.add_scalar(f"eval/{name}", value, global_step)
         eval_envs.close()
 
     writer.close()

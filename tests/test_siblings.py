@@ -185,7 +185,7 @@ def test_mpe_arrays_differ_only_by_the_id():
 
 
 SMAC_PIECES = ["smax_maps", "SMAXEnvs", "SC2Envs", "critic_inputs", "masked_mean", "actor_loss", "log_update"]
-SMAC_PIECES += ["make_env", "start_env", "print_evaluation", "make_actors", "evaluate_saved_model"]
+SMAC_PIECES += ["make_env", "start_env", "make_actors", "evaluate_saved_model"]
 
 
 @pytest.mark.parametrize("name", SMAC_PIECES)
