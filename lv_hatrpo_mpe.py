@@ -61,8 +61,6 @@ class Args:
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
     """the learning rate of the critic's optimizer (the actors take trust-region steps, no learning rate)"""
-    critic_learning_rate: Optional[float] = None
-    """the learning rate of the critic's optimizer (default: --learning-rate)"""
     anneal_lr: bool = False
     """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 10
@@ -416,7 +414,7 @@ def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
     positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
     positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta").split()
-    positive += ["critic_learning_rate", "kl_threshold", "cg_iters", "ls_steps", "backtrack_coef"]
+    positive += ["kl_threshold", "cg_iters", "ls_steps", "backtrack_coef"]
     for name, value in vars(args).items():
         wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
         if wrong or (isinstance(value, float) and not math.isfinite(value)):
@@ -578,7 +576,6 @@ if __name__ == "__main__":
     if args.eval_model:  # evaluate a saved model instead of training, and exit
         evaluate_saved_model(args)
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     checkpoint = None if args.resume is None else load_checkpoint(args)
@@ -617,7 +614,7 @@ if __name__ == "__main__":
     actors, _ = make_actors(args, obs_dims, act_dims, device)
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm().to(device)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, device=device)  # (T, E, N, max_obs_dim)

@@ -41,7 +41,7 @@ def test_resumed_run_is_the_continued_run(tmp_path, script):
     # learning rates annealed alike (the critic's own rate, the actors' --learning-rate 5e-4)
     flags, batch = TINY[script]
     flags = [*flags, "--seed", "5", "--checkpoint-every", "2", "--total-timesteps", str(4 * batch)]
-    flags += ["--anneal-lr", "--critic-learning-rate", "1e-3"]
+    flags += ["--anneal-lr", "--learning-rate" if "hatrpo" in script else "--critic-learning-rate", "1e-3"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight.mkdir()
     stopped.mkdir()
