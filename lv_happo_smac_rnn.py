@@ -521,15 +521,17 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
                 factor = factor * logratio.exp()  # the carry, as in update_actors
 
 
-def update_critic(critic: nn.Module, optimizer, batch: tuple, args: Args, logs: dict) -> None:
+def update_critic(critic: nn.Module, optimizer, value_norm: ValueNorm, batch: tuple, args: Args, logs: dict) -> None:
     """The recurrent critic's epochs on chunks of --data-chunk-length steps, each from the critic's stored hidden state.
     batch: its inputs (T, E * C, D) and the hidden states entering each step (T, E * C, H), episode starts (T, E), and
-    normalized returns, values and value masks (T, E, C): the loss counts the living agents' values only (FP)."""
+    returns, values and value masks (T, E, C), the first two normalized here: the loss counts the living agents' values
+    only (FP)."""
     critic_in, critic_h, starts, returns, values, value_mask = batch
     length, columns = args.data_chunk_length, returns.shape[-1]
     c_in, c_h0 = chunks(critic_in, length), chunks(critic_h, length)[0]
     c_starts = chunks(starts.repeat_interleave(columns, 1), length)
     c_returns, c_values, c_mask = (chunks(x.flatten(1, 2), length) for x in (returns, values, value_mask))
+    c_returns, c_values = value_norm.normalize(c_returns), value_norm.normalize(c_values)
     c_inds, minibatch_size = np.arange(c_in.shape[1]), c_in.shape[1] // args.num_minibatches
     for epoch in range(args.critic_epochs):
         np.random.shuffle(c_inds)
@@ -879,8 +881,8 @@ if __name__ == "__main__":
             update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns, in chunks from the critic's stored hidden states
-        critic_batch = (critic_in, critic_h, starts, value_norm.normalize(returns), value_norm.normalize(values))
-        update_critic(critic, critic_optimizer, (*critic_batch, value_mask), args, logs)
+        critic_batch = (critic_in, critic_h, starts, returns, values, value_mask)
+        update_critic(critic, critic_optimizer, value_norm, critic_batch, args, logs)
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept
         if skipped := len(logs.pop("skipped_steps")):

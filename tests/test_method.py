@@ -204,7 +204,6 @@ def test_smac_carries_the_factor_and_a_dead_agent_carries_a_ratio_of_1(factor, w
         m_used = dict(zip(samples[2].long().tolist(), samples[6].tolist(), strict=True))
         seen.append((agent, [m_used[b] for b in range(BATCH)]))
         actor.steps += 1
-        return True
 
     monkeypatch.setattr(module, "agent_step", step)
     alive = torch.ones(BATCH, 3)
@@ -244,7 +243,6 @@ def test_the_recurrent_script_carries_the_factor_over_the_whole_rollout(factor, 
         m_used = dict(zip(samples[2].flatten().long().tolist(), samples[7].flatten().tolist(), strict=True))
         seen.append((agent, [m_used[t] for t in range(BATCH)]))
         actor.steps += 1
-        return True
 
     monkeypatch.setattr(module, "agent_step", step)
     alive = torch.ones(BATCH, 3)
