@@ -2,7 +2,6 @@
 import importlib.util
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -42,11 +41,11 @@ class Args:
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
     eval_model: Optional[str] = None
-    """evaluate this saved model (a `.cleanrl_model` of --save-model) in --eval-episodes episodes, without training"""
+    """evaluate this model (a `.cleanrl_model` of --save-model) with its run's flags in --eval-episodes episodes"""
     checkpoint_every: int = 0
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
-    """continue from this checkpoint (with the run's own flags; a larger --total-timesteps goes further)"""
+    """continue from this checkpoint with its run's flags (a larger --total-timesteps goes further)"""
 
     # Algorithm specific arguments
     env_id: Literal["simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4"] = "simple_spread_v3"
@@ -428,6 +427,7 @@ def check_args(args: Args) -> Optional[str]:
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
         (args.eval_model and not os.path.isfile(args.eval_model), f"--eval-model {args.eval_model}: no such file"),
+        (args.resume and not os.path.isfile(args.resume), f"--resume {args.resume}: no such file"),
         (args.eval_model and (args.resume or args.save_model), "with --eval-model, drop --resume and --save-model"),
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
         (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
@@ -482,33 +482,41 @@ def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device
 
 
 def evaluate_saved_model(args: Args) -> None:
-    """--eval-model: the actors the file holds, in --eval-episodes deterministic episodes (recorded with
-    --capture-video), their returns printed; nothing is trained and nothing else written."""
+    """--eval-model: the actors of the file, built with the flags of the run that saved them, in --eval-episodes
+    deterministic episodes (recorded with --capture-video), their returns printed; nothing is trained or written."""
+    saved, args = load_run(args.eval_model, args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = make_env(args)()
     actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
     env.close()
-    load_model(args.eval_model, actors)
+    actors.load_state_dict(saved["actors"])
     evaluate(policies, args, device, f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None)
     sys.exit(0)
 
 
-def load_checkpoint(args: Args) -> dict:
-    """The checkpoint of --resume, or a one-line exit when it cannot be read or was trained with other flags."""
-    try:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+def load_run(path: str, args: Args) -> tuple[dict, Args]:
+    """The checkpoint (--resume) or model (--eval-model) at path and its run's flags, into which the flags set here
+    go where they may change; a one-line exit when this script did not write it or a flag set here differs."""
+    what, script = "model" if path == args.eval_model else "checkpoint", os.path.basename(__file__)
+    try:  # a model is read as weights only (it may come from elsewhere), which refuses a checkpoint's random states
+        saved = torch.load(path, map_location="cpu", weights_only=what == "model")
     except Exception as error:
-        fail(f"cannot read the checkpoint {args.resume}: {error!r:.200}")
-    if not isinstance(checkpoint, dict) or "args" not in checkpoint:  # a --save-model file holds only the networks
-        fail(f"{args.resume} is not a checkpoint (a saved model? evaluate it with --eval-model)")
-    if checkpoint.get("script") != os.path.basename(__file__):
-        fail(f"{args.resume} was written by {checkpoint.get('script', 'another script')}: resume it with that script")
-    may_change = "total_timesteps num_iterations resume checkpoint_every cuda track wandb_project_name"
-    may_change += " wandb_entity capture_video save_model"  # every other flag must match the checkpoint's
-    flags = [(k, v) for k, v in checkpoint["args"].items() if k not in may_change.split() and getattr(args, k, v) != v]
-    for name, value in flags[:1]:
-        fail(f"{args.resume} was trained with --{name.replace('_', '-')} {value}: resume with the run's own flags")
-    return checkpoint
+        hint = f"{error!r:.80}" if what == "checkpoint" else "it holds more than weights: a checkpoint?"
+        hint = "the file is empty" if os.path.getsize(path) == 0 else hint
+        fail(f"cannot read {path} as a {what} (--resume takes a checkpoint.pt, --eval-model a .cleanrl_model): {hint}")
+    written_by = saved.get("script") if isinstance(saved, dict) else None
+    if written_by != script:
+        fail(f"{path} was written by {written_by or 'another program'}, not {script}: use that one")
+    if what == "checkpoint" and "rng" not in saved:
+        fail(f"{path} is a model, not a checkpoint: evaluate it with --eval-model")
+    may_change = "total_timesteps num_iterations resume eval_model eval_episodes checkpoint_every cuda track"
+    may_change += " wandb_project_name wandb_entity capture_video save_model"  # the others must be the run's
+    defaults, theirs = vars(Args()), saved["args"]
+    given = {name: value for name, value in vars(args).items() if value != defaults[name]}  # the flags set here
+    for name, value in given.items():
+        if name not in may_change.split() and theirs.get(name, value) != value:
+            fail(f"{path} was trained with --{name.replace('_', '-')} {theirs[name]}: drop the flag or give that")
+    return saved, Args(**{name: value for name, value in theirs.items() if name in defaults} | given)
 
 
 def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
@@ -546,28 +554,6 @@ def catch_interrupts() -> list:
     return interrupted
 
 
-def load_model(path: str, actors: nn.ModuleList) -> None:
-    """Loads the actors of a `.cleanrl_model` (--save-model's), or exits in one line that names what does not fit."""
-    try:
-        theirs = torch.load(path, map_location="cpu", weights_only=True)["actors"]
-    except Exception:  # a checkpoint holds random states that weights_only refuses; an empty file holds nothing
-        if os.path.getsize(path) == 0:
-            fail(f"{path} is empty: --eval-model takes a .cleanrl_model file")
-        kind = (
-            "a checkpoint (resume it with --resume)" if path.endswith(".pt") else "not a model that --save-model wrote"
-        )
-        fail(f"{path} is {kind}: --eval-model takes a .cleanrl_model file")
-    mine = actors.state_dict()
-    count = [len({name.split(".")[0] for name in state}) for state in (theirs, mine)]
-    if count[0] != count[1]:
-        fail(f"{path} holds {count[0]} actor(s), this run {count[1]} (one with --share-actor, else one per agent)")
-    for name, value in mine.items():
-        if name not in theirs or theirs[name].shape != value.shape:
-            there = tuple(theirs[name].shape) if name in theirs else "missing"
-            fail(f"{path} does not fit: its {name} is {there}, here {tuple(value.shape)} (other env, team, sizes?)")
-    actors.load_state_dict(theirs)
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if (problem := check_args(args)) is not None:
@@ -575,10 +561,10 @@ if __name__ == "__main__":
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen for --capture-video
     if args.eval_model:  # evaluate a saved model instead of training, and exit
         evaluate_saved_model(args)
+    checkpoint, args = (None, args) if args.resume is None else load_run(args.resume, args)  # the run's own flags
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
-    checkpoint = None if args.resume is None else load_checkpoint(args)
     num_agents_tag = f"_n{args.num_agents or 3}" if args.env_id == "simple_spread_v3" else ""
     run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
@@ -717,14 +703,14 @@ if __name__ == "__main__":
     envs.close()
     if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
         writer.close()
-        command = re.sub(r" --resume[= ]\S+", "", " ".join(sys.argv))
-        print(f"interrupted at global_step={global_step}\nresume with: python {command} --resume {checkpoint_path}")
+        print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}, model_path)
+        model = {name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}
+        torch.save(model | {"args": vars(args), "script": os.path.basename(__file__)}, model_path)
         print(f"model saved to {model_path}")
-        load_model(model_path, actors)  # evaluated from the file, as a user will
+        actors.load_state_dict(torch.load(model_path, weights_only=True)["actors"])  # evaluated from the file
     if args.eval_every or args.save_model or args.capture_video:
         video_folder = f"videos/{run_name}" if args.capture_video else None
         writer.add_scalar("eval/episodic_return", evaluate(actors, args, device, video_folder), global_step)

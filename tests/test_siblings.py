@@ -36,11 +36,10 @@ SHARED = {
     "Actor": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "act": {"lv_happo_mpe.py", "lv_hatrpo_mpe.py", "lv_happo_vmas.py"},
     "evaluate": GYM - {"lv_happo_mamujoco.py"},
-    "load_checkpoint": EVERY,
+    "load_run": EVERY,
     "restore": EVERY,
     "save_checkpoint": EVERY,
     "catch_interrupts": EVERY,
-    "load_model": EVERY,
     "make_actors": {"lv_happo_mpe.py", "lv_happo_vmas.py"},
     "MultiAgentArrays": {"lv_happo_mpe.py"},
 }
@@ -112,7 +111,7 @@ DIFFERENT = {
 SETUP = [
     "args = tyro.cli(Args)",
     "check_args(args)",
-    "load_checkpoint(args)",
+    "load_run(args.resume, args)",
     "run_name = ",
     "wandb.init(",
     "writer = SummaryWriter(",
