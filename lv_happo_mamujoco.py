@@ -100,13 +100,9 @@ class Args:
     num_minibatches: int = 1
     """the number of mini-batches per epoch (actors and critic)"""
     update_epochs: int = 5
-    """the number of epochs of each actor's update"""
-    critic_epochs: int = 5
-    """the number of epochs of the critic's update"""
+    """the number of epochs of each actor's update and of the critic's"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value loss)"""
-    huber_delta: float = 10.0
-    """the delta of the critic's Huber loss on the normalized value targets"""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus (a mean over the batch; the paper's code summed it, see README)"""
     max_grad_norm: float = 10.0
@@ -380,11 +376,11 @@ def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, m_use
     return -(m_used * surrogate).mean()
 
 
-def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, huber_delta: float) -> Tensor:
-    """Per sample: the Huber error of the normalized value, the worse of clipped and not (as MAPPO and HARL)."""
+def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float) -> Tensor:
+    """Per sample: the Huber error (HARL's delta, 10) of the normalized value, the worse of clipped and not."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=huber_delta)
-    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=huber_delta))
+    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=10.0)
+    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=10.0))
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float, logs: dict) -> None:
@@ -495,7 +491,7 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
 def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
     positive = "total_timesteps num_envs num_steps num_minibatches max_episode_steps eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta critic_learning_rate").split()
+    positive = (positive + " clip_coef max_grad_norm factor_clip critic_learning_rate").split()
     for name, value in vars(args).items():
         wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
         if wrong or (isinstance(value, float) and not math.isfinite(value)):
@@ -743,12 +739,12 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: critic update on the normalized returns
         b_inds = np.arange(args.batch_size)
-        for epoch in range(args.critic_epochs):
+        for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
-                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.huber_delta)
+                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef)
                 v_loss = errors.mean()
                 gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())

@@ -76,8 +76,6 @@ class Args:
     """the number of epochs of the critic's update"""
     clip_coef: float = 0.2
     """the value-loss clipping coefficient (also the ratio band of `losses/clipfrac`)"""
-    huber_delta: float = 10.0
-    """the delta of the critic's Huber loss on the normalized value targets"""
     max_grad_norm: float = 10.0
     """the maximum norm for the gradient clipping of the critic"""
     hidden_sizes: tuple[int, ...] = (128, 128)
@@ -412,7 +410,7 @@ def fail(message: str) -> None:  # one line on stderr that says what to do, and 
 def check_args(args: Args) -> Optional[str]:
     """What is wrong with the flags, as one line that says what to do, or None."""
     positive = "num_agents total_timesteps num_envs num_steps num_minibatches max_cycles eval_episodes learning_rate"
-    positive = (positive + " clip_coef max_grad_norm factor_clip huber_delta").split()
+    positive = (positive + " clip_coef max_grad_norm factor_clip").split()
     positive += ["kl_threshold", "cg_iters", "ls_steps", "backtrack_coef"]
     for name, value in vars(args).items():
         wrong = isinstance(value, (int, float)) and not (value > 0 if name in positive else value >= 0)
@@ -435,11 +433,11 @@ def check_args(args: Args) -> Optional[str]:
     return next((message for wrong, message in problems if wrong), None)
 
 
-def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float, huber_delta: float) -> Tensor:
-    """Per sample: the Huber error of the normalized value, the worse of clipped and not (as MAPPO and HARL)."""
+def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float) -> Tensor:
+    """Per sample: the Huber error (HARL's delta, 10) of the normalized value, the worse of clipped and not."""
     v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=huber_delta)
-    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=huber_delta))
+    v_loss_unclipped = F.huber_loss(newvalue, returns, reduction="none", delta=10.0)
+    return torch.max(v_loss_unclipped, F.huber_loss(v_clipped, returns, reduction="none", delta=10.0))
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_grad_norm: float, logs: dict) -> None:
@@ -670,7 +668,7 @@ if __name__ == "__main__":
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
-                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef, args.huber_delta)
+                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef)
                 v_loss = errors.mean()
                 gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())

@@ -38,34 +38,34 @@ SETTINGS = {
 # the paper's published configurations (its run_config files), every hyperparameter spelled out so that later
 # changes of the scripts' defaults leave them alone; deterministic evaluation and a checkpoint every 100k steps
 PAPER_COMMON = ["--gamma", "0.99", "--gae-lambda", "0.95", "--learning-rate", "5e-4", "--ent-coef", "0.01"]
-PAPER_COMMON += ["--max-grad-norm", "10", "--huber-delta", "10", "--num-minibatches", "1", "--num-envs", "20"]
+PAPER_COMMON += ["--max-grad-norm", "10", "--num-minibatches", "1", "--num-envs", "20"]
 PAPER_COMMON += ["--eval-every", "25", "--checkpoint-every", "25"]
 SETTINGS |= {
     "paper-mpe-spread-n3": (
         "lv_happo_mpe.py",
-        ["--num-agents", "3", "--num-steps", "200", "--update-epochs", "5", "--critic-epochs", "5"]
+        ["--num-agents", "3", "--num-steps", "200", "--update-epochs", "5"]
         + ["--clip-coef", "0.2", "--hidden-sizes", "128", "128", "--eval-episodes", "50", *PAPER_COMMON],
     ),
     "paper-mamujoco-halfcheetah-2x3": (
         "lv_happo_mamujoco.py",
-        ["--agent-conf", "2x3", "--global-obs", "--num-steps", "200", "--update-epochs", "15", "--critic-epochs", "15"]
+        ["--agent-conf", "2x3", "--global-obs", "--num-steps", "200", "--update-epochs", "15"]
         + ["--clip-coef", "0.05", "--hidden-sizes", "128", "128", "128", "--eval-episodes", "10", *PAPER_COMMON],
     ),
     "paper-smax-3s5z": (
         "lv_happo_smac.py",
-        ["--env-id", "3s5z", "--state-type", "FP", "--num-steps", "160", "--update-epochs", "5", "--critic-epochs", "5"]
+        ["--env-id", "3s5z", "--state-type", "FP", "--num-steps", "160", "--update-epochs", "5"]
         + ["--clip-coef", "0.2", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32", *PAPER_COMMON],
     ),
     "paper-smax-6h_vs_8z": (
         "lv_happo_smac.py",
         ["--env-id", "6h_vs_8z", "--state-type", "FP", "--num-steps", "160", "--update-epochs", "5"]
-        + ["--critic-epochs", "5", "--clip-coef", "0.2", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32"]
+        + ["--clip-coef", "0.2", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32"]
         + PAPER_COMMON,
     ),
     "paper-smax-27m_vs_30m": (  # recurrent, gamma 0.95, clip 0.05: 27 agents updated one after another
         "lv_happo_smac_rnn.py",
         ["--env-id", "27m_vs_30m", "--state-type", "FP", "--num-steps", "160", "--update-epochs", "5"]
-        + ["--critic-epochs", "5", "--clip-coef", "0.05", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32"]
+        + ["--clip-coef", "0.05", "--hidden-sizes", "64", "64", "64", "--eval-episodes", "32"]
         + ["--data-chunk-length", "10", "--gamma", "0.95", *PAPER_COMMON[2:]],
     ),
 }
@@ -74,7 +74,7 @@ SETTINGS |= {
 # 25 iterations
 PAIRS = ["--global-obs", "--agent-obsk", "0", "--num-envs", "10", "--num-steps", "200", "--num-minibatches", "1"]
 PAIRS += ["--gamma", "0.99", "--gae-lambda", "0.95", "--hidden-sizes", "128", "128", "128", "--max-grad-norm", "10"]
-PAIRS += ["--huber-delta", "10", "--max-episode-steps", "1000", "--eval-every", "25", "--eval-episodes", "10"]
+PAIRS += ["--max-episode-steps", "1000", "--eval-every", "25", "--eval-episodes", "10"]
 PAIRS += ["--checkpoint-every", "25"]
 PAIR_TASKS = {  # task: (env_id, agent_conf, epochs, clip, actor lr, critic lr, anneal, entropy)
     "halfcheetah-6x1": ("HalfCheetah", "6x1", 15, 0.05, 5e-4, 5e-4, False, 0.01),
@@ -84,7 +84,7 @@ PAIR_TASKS = {  # task: (env_id, agent_conf, epochs, clip, actor lr, critic lr, 
     "walker2d-6x1": ("Walker2d", "6x1", 5, 0.1, 5e-4, 5e-4, False, 0.01),  # HAPPO's settings for both variants
 }
 for task, (env_id, conf, epochs, clip, lr, critic_lr, anneal, ent) in PAIR_TASKS.items():
-    flags = ["--env-id", env_id, "--agent-conf", conf, "--update-epochs", str(epochs), "--critic-epochs", str(epochs)]
+    flags = ["--env-id", env_id, "--agent-conf", conf, "--update-epochs", str(epochs)]
     flags += ["--clip-coef", str(clip), "--learning-rate", str(lr), "--critic-learning-rate", str(critic_lr)]
     flags += ["--ent-coef", str(ent), *PAIRS] + (["--anneal-lr"] if anneal else [])
     SETTINGS[f"paper-mamujoco-{task}"] = ("lv_happo_mamujoco.py", flags)
@@ -97,7 +97,7 @@ SWIMMER = ["--env-id", "ManySegmentSwimmer", "--agent-conf", "20x1", "--standard
 SWIMMER[SWIMMER.index("--num-envs") + 1] = "20"
 SWIMMER[SWIMMER.index("--hidden-sizes") + 1 : SWIMMER.index("--hidden-sizes") + 4] = ["256", "256"]
 SWIMMER += ["--learning-rate", "1e-4", "--critic-learning-rate", "1e-4", "--clip-coef", "0.1", "--ent-coef", "1e-5"]
-SWIMMER += ["--update-epochs", "5", "--critic-epochs", "5"]
+SWIMMER += ["--update-epochs", "5"]
 SETTINGS["paper-mamujoco-swimmer-20x1"] = ("lv_happo_mamujoco.py", SWIMMER)
 # the paper's shared-parameter SMAC run without a recurrent actor: one actor at lr 1e-4, the critic at 5e-4
 SHARED_6H = SETTINGS["paper-smax-6h_vs_8z"][1].copy()
@@ -114,7 +114,7 @@ SETTINGS["paper-mpe-spread-n3-ent40"] = ("lv_happo_mpe.py", ENT40)
 # the team-size study (benchmark/scaling.py): VMAS simple_spread at N = 2 to 12, one budget for every N, the batch
 # shape, epochs and discount that learned best at N = 3 (benchmark/results/scaling/README.md), 200 evaluation
 # episodes every 128k steps (20 iterations of 256 x 25) and a checkpoint as often
-SCALING = ["--num-envs", "256", "--num-steps", "25", "--update-epochs", "5", "--critic-epochs", "5", "--gamma", "0.95"]
+SCALING = ["--num-envs", "256", "--num-steps", "25", "--update-epochs", "5", "--gamma", "0.95"]
 SCALING += ["--num-minibatches", "4", "--eval-every", "20", "--eval-episodes", "200", "--checkpoint-every", "20"]
 SETTINGS |= {
     f"scaling-vmas-spread-n{n}": ("lv_happo_vmas.py", ["--num-agents", str(n), *SCALING]) for n in (2, 3, 5, 8, 12)

@@ -67,9 +67,10 @@ def test_actor_loss_weights_the_clipped_surrogate_by_the_factor():
 def test_critic_loss_per_sample_clipped_and_huber():
     new, old, ret = torch.tensor([2.0, 0.3]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, 0.5])
     # sample 0: unclipped 0.5 * 1.5^2 = 1.125, clipped to 0.2: 0.045, the worse is kept; sample 1: 0.02 vs 0.045
-    torch.testing.assert_close(lv.critic_loss(new, old, ret, 0.2, 10.0), torch.tensor([1.125, 0.045]))
-    # Huber with delta 1: 1 * (1.5 - 0.5) = 1.0 beyond delta (clipped: 0.045 within it)
-    torch.testing.assert_close(lv.critic_loss(new, old, ret, 0.2, 1.0), torch.tensor([1.0, 0.045]))
+    torch.testing.assert_close(lv.critic_loss(new, old, ret, 0.2), torch.tensor([1.125, 0.045]))
+    # an error beyond delta = 10 is linear: 10 * (|20 - 0.5| - 5) = 145 (clipped to 0.2: 0.045)
+    new = torch.tensor([20.0, 0.3])
+    torch.testing.assert_close(lv.critic_loss(new, old, ret, 0.2), torch.tensor([145.0, 0.045]))
 
 
 def test_value_norm_tracks_mean_and_std_and_ignores_non_finite_batches():
@@ -226,7 +227,7 @@ def test_same_seed_same_losses(tmp_path):
         (("--learning-rate", "inf"), "--learning-rate must be a positive number, got inf"),
         (("--ent-coef", "nan"), "--ent-coef must be a finite number, not negative, got nan"),
         (("--max-grad-norm", "nan"), "--max-grad-norm must be a positive number, got nan"),
-        (("--huber-delta", "nan"), "--huber-delta must be a positive number, got nan"),
+        (("--clip-coef", "nan"), "--clip-coef must be a positive number, got nan"),
         (("--gamma", "1.5"), "--gamma and --gae-lambda must lie in [0, 1]"),
         (("--seed", "-1"), "--seed must be a finite number, not negative, got -1"),
         (("--seed", "99999999999"), "--seed must be below 2**32"),

@@ -73,7 +73,7 @@ def test_critic_inputs_ep_and_fp():
 
 def test_critic_loss_ignores_dead_agents_values():
     new, old, ret = torch.tensor([[1.0, 5.0]]), torch.tensor([[1.0, 5.0]]), torch.tensor([[2.0, -100.0]])
-    loss = lv.masked_mean(lv.critic_loss(new, old, ret, 0.2, 10.0), torch.tensor([[1.0, 0.0]]))
+    loss = lv.masked_mean(lv.critic_loss(new, old, ret, 0.2), torch.tensor([[1.0, 0.0]]))
     torch.testing.assert_close(loss, torch.tensor(0.5))
 
 
