@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1 MUJOCO_GL=egl
 } > "$OUT/env.txt" 2>&1
 
 # 1. SPS, one run at a time, no evaluation (the study's flags of benchmark/run.py, 40 iterations of 256 x 25)
-SCALING="--num-envs 256 --num-steps 25 --update-epochs 5 --critic-epochs 5 --num-minibatches 4 --gamma 0.95"  # run.py's
+SCALING="--num-envs 256 --num-steps 25 --update-epochs 5 --num-minibatches 4 --gamma 0.95"  # run.py's
 for n in 3 8 12; do
     (cd /tmp/w && timeout 150 python3 "$ROOT/lv_happo_vmas.py" --cuda --num-agents "$n" $SCALING \
         --total-timesteps "${SPS_STEPS:-256000}" --seed 1 > "sps-n$n.log" 2>&1)
