@@ -69,6 +69,20 @@ SETTINGS |= {
         + ["--data-chunk-length", "10", "--gamma", "0.95", *PAPER_COMMON[2:]],
     ),
 }
+# the paper's other recurrent SMAC runs: 3s5z_vs_3s6z as 27m_vs_30m but clip 0.2 and 2 minibatches; 8m_vs_9m with one
+# actor shared by all agents (actor lr 1e-4, critic 5e-4), the EP state, 10 epochs, clip 0.1 (5M steps in the paper)
+RNN_3S5Z = SETTINGS["paper-smax-27m_vs_30m"][1].copy()
+RNN_3S5Z[RNN_3S5Z.index("--env-id") + 1], RNN_3S5Z[RNN_3S5Z.index("--clip-coef") + 1] = "3s5z_vs_3s6z", "0.2"
+RNN_3S5Z[RNN_3S5Z.index("--num-minibatches") + 1] = "2"
+SETTINGS["paper-smax-3s5z_vs_3s6z"] = ("lv_happo_smac_rnn.py", RNN_3S5Z)
+RNN_8M = SETTINGS["paper-smax-27m_vs_30m"][1].copy()
+RNN_8M[RNN_8M.index("--env-id") + 1], RNN_8M[RNN_8M.index("--state-type") + 1] = "8m_vs_9m", "EP"
+RNN_8M[RNN_8M.index("--update-epochs") + 1], RNN_8M[RNN_8M.index("--clip-coef") + 1] = "10", "0.1"
+RNN_8M[RNN_8M.index("--learning-rate") + 1] = "1e-4"
+SETTINGS["paper-smax-8m_vs_9m-shared"] = (
+    "lv_happo_smac_rnn.py",
+    [*RNN_8M, "--share-actor", "--critic-learning-rate", "5e-4"],
+)
 # the paper's HAPPO / LV-HAPPO pairs on MaMuJoCo (its mamujoco_10thread configurations): 10 x 200, every agent sees
 # the state and its id, one joint per agent but Ant 4x2; deterministic evaluation of 10 episodes and a checkpoint every
 # 25 iterations
