@@ -457,13 +457,14 @@ def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device
 def evaluate_saved_model(args: Args) -> None:
     """--eval-model: the actors of the file, built with the flags of the run that saved them, in --eval-episodes
     deterministic episodes (recorded with --capture-video), their returns printed; nothing is trained or written."""
+    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None  # asked for here
     saved, args = load_run(args.eval_model, args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = make_env(args)()
     actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
     env.close()
     actors.load_state_dict(saved["actors"])
-    evaluate(policies, args, device, f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None)
+    evaluate(policies, args, device, video_folder)
     sys.exit(0)
 
 

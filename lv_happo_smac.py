@@ -576,9 +576,9 @@ def evaluate_saved_model(args: Args) -> None:
     """--eval-model: the actors of the file, built with the flags of the run that saved them, in --eval-episodes
     deterministic episodes (a GIF or StarCraft II's replays with --capture-video), their returns and win rate printed;
     nothing is trained or written."""
+    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None  # asked for here
     saved, args = load_run(args.eval_model, args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    video_folder = f"videos/{os.path.basename(args.eval_model)}" if args.capture_video else None
     num_envs = args.eval_episodes if args.backend == "smax" else 1
     envs = start_env(args, num_envs, args.seed + 10_000, device, video_folder or "")[0]
     actors, policies = make_actors(args, envs, device)

@@ -204,6 +204,10 @@ def test_heterogeneous_discrete_raw_factor_with_saved_model_and_video(tmp_cwd):
     assert_contract(scalars, 2, [100, 200])
     assert [step for step, _ in scalars["eval/episodic_return"]] == [200]
     assert (run_dir / "lv_happo_mpe.cleanrl_model").exists() and list((tmp_cwd / "videos").rglob("*.mp4"))
+    # the model's run recorded videos; its evaluation records one only when asked here
+    videos = sorted((tmp_cwd / "videos").iterdir())
+    result = run_script(SCRIPT, "--eval-model", str(run_dir / "lv_happo_mpe.cleanrl_model"), cwd=tmp_cwd)
+    assert result.returncode == 0 and sorted((tmp_cwd / "videos").iterdir()) == videos, result.stderr
 
 
 def test_same_seed_same_losses(tmp_path):
