@@ -303,3 +303,20 @@ def test_a_real_actors_log_ratio_against_its_behaviour_log_probabilities():
     lv.log_update(logratio_b, 0.2, logs)
     assert logs["clipfrac"] == [1.0, 1.0]
     assert logs["approx_kl"] == pytest.approx([(2 - 1) - math.log(2), (0.25 - 1) - math.log(0.25)])
+
+
+def test_load_run_gives_the_runs_flags_with_those_set_here_that_may_change(tmp_path):
+    run = parse(
+        lv, "--num-agents", "4", "--learning-rate", "1e-3", "--total-timesteps", "500", "--checkpoint-every", "2"
+    )
+    path = str(tmp_path / "lv_happo_mpe.cleanrl_model")
+    torch.save({"args": vars(run), "script": "lv_happo_mpe.py", "actors": {}}, path)
+    # flags not set here are the run's; those set here that may change (budget, evaluation count) are these
+    _, merged = lv.load_run(path, parse(lv, "--eval-model", path, "--eval-episodes", "3", "--total-timesteps", "900"))
+    assert (merged.num_agents, merged.learning_rate, merged.checkpoint_every) == (4, 1e-3, 2)
+    assert (merged.eval_model, merged.eval_episodes, merged.total_timesteps) == (path, 3, 900)
+    # one set here that the run did not have is refused, and a model is no checkpoint
+    with pytest.raises(SystemExit, match="was trained with --num-agents 4: drop the flag or give that"):
+        lv.load_run(path, parse(lv, "--eval-model", path, "--num-agents", "5"))
+    with pytest.raises(SystemExit, match="is a model, not a checkpoint"):
+        lv.load_run(path, parse(lv, "--resume", path))
