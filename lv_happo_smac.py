@@ -604,11 +604,11 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
     if what == "checkpoint" and "rng" not in saved:
         fail(f"{path} is a model, not a checkpoint: evaluate it with --eval-model")
     may_change = "total_timesteps num_iterations resume eval_model eval_episodes checkpoint_every cuda track"
-    may_change += " wandb_project_name wandb_entity capture_video save_model"  # the others must be the run's
+    may_change = (may_change + " wandb_project_name wandb_entity capture_video save_model").split()  # others: the run's
     defaults, theirs = vars(Args()), saved["args"]
     given = {name: value for name, value in vars(args).items() if value != defaults[name]}  # the flags set here
     for name, value in given.items():
-        if name not in may_change.split() and theirs.get(name, value) != value:
+        if name not in may_change and theirs.get(name, value) != value:
             fail(f"{path} was trained with --{name.replace('_', '-')} {theirs[name]}: drop the flag or give that")
     return saved, Args(**{name: value for name, value in theirs.items() if name in defaults} | given)
 
