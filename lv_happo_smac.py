@@ -43,7 +43,7 @@ class Args:
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
     eval_model: Optional[str] = None
-    """evaluate this model (a `.cleanrl_model` of --save-model) with its run's flags in --eval-episodes episodes"""
+    """evaluate this model (--save-model's) or checkpoint with its run's flags in --eval-episodes episodes"""
     checkpoint_every: int = 0
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
@@ -64,8 +64,6 @@ class Args:
     """the learning rate of the actors' optimizers (and of the critic's, without --critic-learning-rate)"""
     critic_learning_rate: Optional[float] = None
     """the learning rate of the critic's optimizer (default: --learning-rate)"""
-    anneal_lr: bool = False
-    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 32
     """the number of parallel environments (SMAX: vmapped in one call; sc2: one StarCraft II process each)"""
     num_steps: int = 100
@@ -431,7 +429,6 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
     (B, N, num_actions), actions (B, N), behaviour log-probabilities (B, N), advantages (B, N: each agent's own with
     the FP state, the team's with EP) and alive masks (B, N)."""
     batch_size, num_agents = batch[3].shape
-    b_inds = np.arange(batch_size)
     factor = torch.ones(batch_size, device=batch[3].device)  # M: 1 for the first agent of the order
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
     for k, agent in enumerate(order):
@@ -440,7 +437,7 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
         samples = [x[:, agent] for x in batch] + [m_used]  # obs, avail, actions, logp, adv, alive, m_used
         log_factor(writer, k, factor, (m_used * samples[4])[samples[5] > 0], args.factor_clip, step)
         for epoch in range(args.update_epochs):
-            np.random.shuffle(b_inds)
+            b_inds = torch.randperm(batch_size)
             for start in range(0, batch_size, args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
                 agent_step(actor, optimizer, agent, [x[mb] for x in samples], args, logs)
@@ -454,11 +451,10 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     agent of the order takes one step on its samples of it, weighted as in update_actors, and its ratio on every sample
     then multiplies M. The last epoch's first pass is logged. The batch as in update_actors."""
     batch_size, num_agents = batch[3].shape
-    b_inds = np.arange(batch_size)
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(batch_size, device=batch[3].device)
-        np.random.shuffle(b_inds)
+        b_inds = torch.randperm(batch_size)
         for start in range(0, batch_size, args.minibatch_size):
             mb = b_inds[start : start + args.minibatch_size]
             for k, agent in enumerate(order):
@@ -487,7 +483,7 @@ def check_args(args: Args) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
         (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),  # the environments' seeding
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
         (args.num_minibatches > args.num_envs * args.num_steps, "--num-minibatches exceeds the batch's samples"),
@@ -589,20 +585,15 @@ def evaluate_saved_model(args: Args) -> None:
 
 
 def load_run(path: str, args: Args) -> tuple[dict, Args]:
-    """The checkpoint (--resume) or model (--eval-model) at path and its run's flags, into which the flags set here
-    go where they may change; a one-line exit when this script did not write it or a flag set here differs."""
-    what, script = "model" if path == args.eval_model else "checkpoint", os.path.basename(__file__)
-    try:  # a model is read as weights only (it may come from elsewhere), which refuses a checkpoint's random states
-        saved = torch.load(path, map_location="cpu", weights_only=what == "model")
+    """A checkpoint or model (one format, read as weights only) and its run's flags, into which the flags set here go
+    where they may change; a one-line exit when this script did not write it or a flag set here differs."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = f"{error!r:.80}" if what == "checkpoint" else "it holds more than weights: a checkpoint?"
-        hint = "the file is empty" if os.path.getsize(path) == 0 else hint
-        fail(f"cannot read {path} as a {what} (--resume takes a checkpoint.pt, --eval-model a .cleanrl_model): {hint}")
-    written_by = saved.get("script") if isinstance(saved, dict) else None
+        fail(f"cannot read {path}: {'the file is empty' if os.path.getsize(path) == 0 else f'{error!r:.80}'}")
+    written_by, script = saved.get("script") if isinstance(saved, dict) else None, os.path.basename(__file__)
     if written_by != script:
         fail(f"{path} was written by {written_by or 'another program'}, not {script}: use that one")
-    if what == "checkpoint" and "rng" not in saved:
-        fail(f"{path} is a model, not a checkpoint: evaluate it with --eval-model")
     may_change = "total_timesteps num_iterations resume eval_model eval_episodes checkpoint_every cuda track"
     may_change = (may_change + " wandb_project_name wandb_entity capture_video save_model").split()  # others: the run's
     defaults, theirs = vars(Args()), saved["args"]
@@ -613,22 +604,20 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
     return saved, Args(**{name: value for name, value in theirs.items() if name in defaults} | given)
 
 
-def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
-    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
-    if checkpoint is None:
-        return 0, 1
+def restore(saved: dict, stateful: dict) -> tuple[int, int]:
+    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run."""
     for name, module in stateful.items():
-        module.load_state_dict(checkpoint[name])
-    np.random.set_state(checkpoint["rng"][0])
-    torch.set_rng_state(checkpoint["rng"][1])
-    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-    return checkpoint["global_step"], checkpoint["iteration"] + 1
+        module.load_state_dict(saved[name])
+    torch.set_rng_state(saved["rng"][0])
+    torch.cuda.set_rng_state_all(saved["rng"][1:])
+    return saved["global_step"], saved["iteration"] + 1
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
-    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
-    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
+    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
+    leaves that one whole."""
+    rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -677,7 +666,6 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
@@ -717,7 +705,8 @@ if __name__ == "__main__":
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    global_step, start_iteration = restore(checkpoint, stateful)
+    run = {"run_name": run_name, "args": vars(args)}  # what every checkpoint says of its run
+    global_step, start_iteration = (0, 1) if checkpoint is None else restore(checkpoint, stateful)
     interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
@@ -726,10 +715,6 @@ if __name__ == "__main__":
     recent_returns, recent_wins, mean_return, win_rate = [], [], float("nan"), float("nan")
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            for optimizer in [*actor_optimizers, critic_optimizer]:
-                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_ = envs.reset(seed=args.seed + iteration - 1)
@@ -782,9 +767,8 @@ if __name__ == "__main__":
             update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
-        b_inds = np.arange(args.batch_size)
         for epoch in range(args.update_epochs):
-            np.random.shuffle(b_inds)
+            b_inds = torch.randperm(args.batch_size)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_critic_in[mb_inds]).squeeze(-1)
@@ -816,8 +800,7 @@ if __name__ == "__main__":
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
-            progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            save_checkpoint(checkpoint_path, stateful, progress)
+            save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
         if interrupted:
             break
 
@@ -827,9 +810,8 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        model = {name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}
-        torch.save(model | {"args": vars(args), "script": os.path.basename(__file__)}, model_path)
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
+        save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, weights_only=True)["actors"])  # evaluated from the file
     if args.eval_every or args.save_model or args.capture_video:

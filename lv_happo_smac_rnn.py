@@ -43,7 +43,7 @@ class Args:
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
     eval_model: Optional[str] = None
-    """evaluate this model (a `.cleanrl_model` of --save-model) with its run's flags in --eval-episodes episodes"""
+    """evaluate this model (--save-model's) or checkpoint with its run's flags in --eval-episodes episodes"""
     checkpoint_every: int = 0
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
@@ -64,8 +64,6 @@ class Args:
     """the learning rate of the actors' optimizers (and of the critic's, without --critic-learning-rate)"""
     critic_learning_rate: Optional[float] = None
     """the learning rate of the critic's optimizer (default: --learning-rate)"""
-    anneal_lr: bool = False
-    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 32
     """the number of parallel environments (SMAX: vmapped in one call; sc2: one StarCraft II process each)"""
     num_steps: int = 100
@@ -472,7 +470,7 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
     entering each step (T, E, N, H)."""
     *per_agent, starts, hidden = batch
     steps, envs, num_agents = per_agent[3].shape
-    b_inds, length = np.arange(steps // args.data_chunk_length * envs), args.data_chunk_length
+    num_chunks, length = steps // args.data_chunk_length * envs, args.data_chunk_length
     factor = torch.ones(steps, envs, device=starts.device)  # M: 1 for the first agent of the order
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()  # fresh each call
     for k, agent in enumerate(order):
@@ -482,8 +480,8 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
         log_factor(writer, k, factor, (m_used * whole[4])[whole[5] > 0], args.factor_clip, step)
         chunked, h0 = [chunks(x, length) for x in whole], chunks(hidden[:, :, agent], length)[0]
         for epoch in range(args.update_epochs):
-            np.random.shuffle(b_inds)
-            for start in range(0, len(b_inds), args.minibatch_size):
+            b_inds = torch.randperm(num_chunks)
+            for start in range(0, num_chunks, args.minibatch_size):
                 mb = b_inds[start : start + args.minibatch_size]
                 agent_step(actor, optimizer, agent, [x[:, mb] for x in chunked], h0[mb], args, logs)
         logratio = agent_logratio(actor, agent, whole, hidden[0, :, agent])
@@ -497,12 +495,12 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     ratio over the whole rollout then multiplies M. The last epoch's first pass is logged. As update_actors."""
     *per_agent, starts, hidden = batch
     steps, envs, num_agents = per_agent[3].shape
-    b_inds, length = np.arange(steps // args.data_chunk_length * envs), args.data_chunk_length
+    num_chunks, length = steps // args.data_chunk_length * envs, args.data_chunk_length
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(steps, envs, device=starts.device)
-        np.random.shuffle(b_inds)
-        for start in range(0, len(b_inds), args.minibatch_size):
+        b_inds = torch.randperm(num_chunks)
+        for start in range(0, num_chunks, args.minibatch_size):
             mb = b_inds[start : start + args.minibatch_size]
             for k, agent in enumerate(order):
                 m_used = factor_used(factor, args.factor, args.factor_clip)
@@ -527,10 +525,10 @@ def update_critic(critic: nn.Module, optimizer, value_norm: ValueNorm, batch: tu
     c_starts = chunks(starts.repeat_interleave(columns, 1), length)
     c_returns, c_values, c_mask = (chunks(x.flatten(1, 2), length) for x in (returns, values, value_mask))
     c_returns, c_values = value_norm.normalize(c_returns), value_norm.normalize(c_values)
-    c_inds, minibatch_size = np.arange(c_in.shape[1]), c_in.shape[1] // args.num_minibatches
+    minibatch_size = c_in.shape[1] // args.num_minibatches
     for epoch in range(args.update_epochs):
-        np.random.shuffle(c_inds)
-        for start in range(0, len(c_inds), minibatch_size):
+        c_inds = torch.randperm(c_in.shape[1])
+        for start in range(0, c_in.shape[1], minibatch_size):
             mb = c_inds[start : start + minibatch_size]
             newvalue = critic(c_in[:, mb], c_h0[mb], c_starts[:, mb])[0].squeeze(-1)
             errors = critic_loss(newvalue, c_values[:, mb], c_returns[:, mb], args.clip_coef)
@@ -555,7 +553,7 @@ def check_args(args: Args) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
         (args.max_steps is not None and args.backend == "sc2", "--max-steps: SMAX only (SMAC maps set their own)"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),  # the environments' seeding
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 64 64 64"),
         (args.num_steps % args.data_chunk_length != 0, "--data-chunk-length must divide --num-steps"),
@@ -664,20 +662,15 @@ def evaluate_saved_model(args: Args) -> None:
 
 
 def load_run(path: str, args: Args) -> tuple[dict, Args]:
-    """The checkpoint (--resume) or model (--eval-model) at path and its run's flags, into which the flags set here
-    go where they may change; a one-line exit when this script did not write it or a flag set here differs."""
-    what, script = "model" if path == args.eval_model else "checkpoint", os.path.basename(__file__)
-    try:  # a model is read as weights only (it may come from elsewhere), which refuses a checkpoint's random states
-        saved = torch.load(path, map_location="cpu", weights_only=what == "model")
+    """A checkpoint or model (one format, read as weights only) and its run's flags, into which the flags set here go
+    where they may change; a one-line exit when this script did not write it or a flag set here differs."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = f"{error!r:.80}" if what == "checkpoint" else "it holds more than weights: a checkpoint?"
-        hint = "the file is empty" if os.path.getsize(path) == 0 else hint
-        fail(f"cannot read {path} as a {what} (--resume takes a checkpoint.pt, --eval-model a .cleanrl_model): {hint}")
-    written_by = saved.get("script") if isinstance(saved, dict) else None
+        fail(f"cannot read {path}: {'the file is empty' if os.path.getsize(path) == 0 else f'{error!r:.80}'}")
+    written_by, script = saved.get("script") if isinstance(saved, dict) else None, os.path.basename(__file__)
     if written_by != script:
         fail(f"{path} was written by {written_by or 'another program'}, not {script}: use that one")
-    if what == "checkpoint" and "rng" not in saved:
-        fail(f"{path} is a model, not a checkpoint: evaluate it with --eval-model")
     may_change = "total_timesteps num_iterations resume eval_model eval_episodes checkpoint_every cuda track"
     may_change = (may_change + " wandb_project_name wandb_entity capture_video save_model").split()  # others: the run's
     defaults, theirs = vars(Args()), saved["args"]
@@ -688,22 +681,20 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
     return saved, Args(**{name: value for name, value in theirs.items() if name in defaults} | given)
 
 
-def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
-    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
-    if checkpoint is None:
-        return 0, 1
+def restore(saved: dict, stateful: dict) -> tuple[int, int]:
+    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run."""
     for name, module in stateful.items():
-        module.load_state_dict(checkpoint[name])
-    np.random.set_state(checkpoint["rng"][0])
-    torch.set_rng_state(checkpoint["rng"][1])
-    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-    return checkpoint["global_step"], checkpoint["iteration"] + 1
+        module.load_state_dict(saved[name])
+    torch.set_rng_state(saved["rng"][0])
+    torch.cuda.set_rng_state_all(saved["rng"][1:])
+    return saved["global_step"], saved["iteration"] + 1
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
-    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
-    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
+    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
+    leaves that one whole."""
+    rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -752,7 +743,6 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
@@ -795,7 +785,8 @@ if __name__ == "__main__":
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     stateful |= {f"actor_optimizer_{i}": optimizer for i, optimizer in enumerate(actor_optimizers)}
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    global_step, start_iteration = restore(checkpoint, stateful)
+    run = {"run_name": run_name, "args": vars(args)}  # what every checkpoint says of its run
+    global_step, start_iteration = (0, 1) if checkpoint is None else restore(checkpoint, stateful)
     interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
@@ -804,10 +795,6 @@ if __name__ == "__main__":
     recent_returns, recent_wins, mean_return, win_rate = [], [], float("nan"), float("nan")
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            for optimizer in [*actor_optimizers, critic_optimizer]:
-                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_ = envs.reset(seed=args.seed + iteration - 1)
@@ -890,8 +877,7 @@ if __name__ == "__main__":
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
-            progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            save_checkpoint(checkpoint_path, stateful, progress)
+            save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
         if interrupted:
             break
 
@@ -901,9 +887,8 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        model = {name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}
-        torch.save(model | {"args": vars(args), "script": os.path.basename(__file__)}, model_path)
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
+        save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, weights_only=True)["actors"])  # evaluated from the file
     if args.eval_every or args.save_model or args.capture_video:

@@ -41,7 +41,7 @@ class Args:
     save_model: bool = False
     """if toggled, save the model to `runs/{run_name}` and evaluate it from that file"""
     eval_model: Optional[str] = None
-    """evaluate this model (a `.cleanrl_model` of --save-model) with its run's flags in --eval-episodes episodes"""
+    """evaluate this model (--save-model's) or checkpoint with its run's flags in --eval-episodes episodes"""
     checkpoint_every: int = 0
     """write `runs/{run_name}/checkpoint.pt` every this many iterations and at the end (0: only on an interrupt)"""
     resume: Optional[str] = None
@@ -60,8 +60,6 @@ class Args:
     """total joint environment steps of the experiment"""
     learning_rate: float = 5e-4
     """the learning rate of the critic's optimizer (the actors take trust-region steps, no learning rate)"""
-    anneal_lr: bool = False
-    """Toggle learning rate annealing: every learning rate decays linearly to 0 over the run (as CleanRL's PPO)"""
     num_envs: int = 10
     """the number of parallel environments"""
     num_steps: int = 100
@@ -419,7 +417,7 @@ def check_args(args: Args) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be {words}, got {value}"
     problems = [
         (args.env_id != "simple_spread_v3" and args.num_agents not in (None, 2), f"{args.env_id} always has 2 agents"),
-        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),
+        (args.seed >= 2**32, f"--seed must be below 2**32, got {args.seed}"),  # the environments' seeding
         (max(args.gamma, args.gae_lambda) > 1, "--gamma and --gae-lambda must lie in [0, 1]"),
         (max(args.accept_ratio, args.backtrack_coef) > 1, "--accept-ratio and --backtrack-coef must lie in [0, 1]"),
         (not args.hidden_sizes or min(args.hidden_sizes) < 1, "--hidden-sizes needs positive sizes, e.g. 128 128"),
@@ -494,20 +492,15 @@ def evaluate_saved_model(args: Args) -> None:
 
 
 def load_run(path: str, args: Args) -> tuple[dict, Args]:
-    """The checkpoint (--resume) or model (--eval-model) at path and its run's flags, into which the flags set here
-    go where they may change; a one-line exit when this script did not write it or a flag set here differs."""
-    what, script = "model" if path == args.eval_model else "checkpoint", os.path.basename(__file__)
-    try:  # a model is read as weights only (it may come from elsewhere), which refuses a checkpoint's random states
-        saved = torch.load(path, map_location="cpu", weights_only=what == "model")
+    """A checkpoint or model (one format, read as weights only) and its run's flags, into which the flags set here go
+    where they may change; a one-line exit when this script did not write it or a flag set here differs."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = f"{error!r:.80}" if what == "checkpoint" else "it holds more than weights: a checkpoint?"
-        hint = "the file is empty" if os.path.getsize(path) == 0 else hint
-        fail(f"cannot read {path} as a {what} (--resume takes a checkpoint.pt, --eval-model a .cleanrl_model): {hint}")
-    written_by = saved.get("script") if isinstance(saved, dict) else None
+        fail(f"cannot read {path}: {'the file is empty' if os.path.getsize(path) == 0 else f'{error!r:.80}'}")
+    written_by, script = saved.get("script") if isinstance(saved, dict) else None, os.path.basename(__file__)
     if written_by != script:
         fail(f"{path} was written by {written_by or 'another program'}, not {script}: use that one")
-    if what == "checkpoint" and "rng" not in saved:
-        fail(f"{path} is a model, not a checkpoint: evaluate it with --eval-model")
     may_change = "total_timesteps num_iterations resume eval_model eval_episodes checkpoint_every cuda track"
     may_change = (may_change + " wandb_project_name wandb_entity capture_video save_model").split()  # others: the run's
     defaults, theirs = vars(Args()), saved["args"]
@@ -518,22 +511,20 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
     return saved, Args(**{name: value for name, value in theirs.items() if name in defaults} | given)
 
 
-def restore(checkpoint: Optional[dict], stateful: dict) -> tuple[int, int]:
-    """Loads the checkpoint's state dicts and random streams; returns the global step and the first iteration to run."""
-    if checkpoint is None:
-        return 0, 1
+def restore(saved: dict, stateful: dict) -> tuple[int, int]:
+    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run."""
     for name, module in stateful.items():
-        module.load_state_dict(checkpoint[name])
-    np.random.set_state(checkpoint["rng"][0])
-    torch.set_rng_state(checkpoint["rng"][1])
-    torch.cuda.set_rng_state_all(checkpoint["rng"][2])
-    return checkpoint["global_step"], checkpoint["iteration"] + 1
+        module.load_state_dict(saved[name])
+    torch.set_rng_state(saved["rng"][0])
+    torch.cuda.set_rng_state_all(saved["rng"][1:])
+    return saved["global_step"], saved["iteration"] + 1
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses to resume it), written to a
-    temporary file renamed over the last checkpoint: a crash mid-write leaves that one whole."""
-    rng = (np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
+    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
+    leaves that one whole."""
+    rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -578,7 +569,6 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.distributions.Distribution.set_default_validate_args(False)  # argument checks cost more than the math
@@ -612,7 +602,8 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: checkpoints hold these state dicts, the random streams and the progress
     stateful = {"actors": actors, "critic": critic, "value_norm": value_norm, "critic_optimizer": critic_optimizer}
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    global_step, start_iteration = restore(checkpoint, stateful)
+    run = {"run_name": run_name, "args": vars(args)}  # what every checkpoint says of its run
+    global_step, start_iteration = (0, 1) if checkpoint is None else restore(checkpoint, stateful)
     interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game
@@ -620,10 +611,6 @@ if __name__ == "__main__":
     recent_returns, mean_return = [], float("nan")
 
     for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:  # every learning rate decays linearly from its initial value to 0 over the run
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            for optimizer in [critic_optimizer]:
-                optimizer.param_groups[0]["lr"] = frac * optimizer.defaults["lr"]
         if iteration == start_iteration or (args.checkpoint_every and (iteration - 1) % args.checkpoint_every == 0):
             # new episodes, seeded by the iteration: a run resumed from a checkpoint continues exactly
             next_obs_np, _ = envs.reset(seed=args.seed + iteration - 1)
@@ -663,9 +650,8 @@ if __name__ == "__main__":
         update_actors(actors, (b_obs, b_actions, b_logprobs, b_advantages), args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns
-        b_inds = np.arange(args.batch_size)
         for epoch in range(args.critic_epochs):
-            np.random.shuffle(b_inds)
+            b_inds = torch.randperm(args.batch_size)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
@@ -694,8 +680,7 @@ if __name__ == "__main__":
         due = args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations)
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
-            progress = {"global_step": global_step, "iteration": iteration, "run_name": run_name, "args": vars(args)}
-            save_checkpoint(checkpoint_path, stateful, progress)
+            save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
         if interrupted:
             break
 
@@ -705,9 +690,8 @@ if __name__ == "__main__":
         print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
         sys.exit(128 + interrupted[0])
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        model = {name: stateful[name].state_dict() for name in ("actors", "critic", "value_norm")}
-        torch.save(model | {"args": vars(args), "script": os.path.basename(__file__)}, model_path)
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
+        save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})
         print(f"model saved to {model_path}")
         actors.load_state_dict(torch.load(model_path, weights_only=True)["actors"])  # evaluated from the file
     if args.eval_every or args.save_model or args.capture_video:

@@ -315,8 +315,9 @@ def test_load_run_gives_the_runs_flags_with_those_set_here_that_may_change(tmp_p
     _, merged = lv.load_run(path, parse(lv, "--eval-model", path, "--eval-episodes", "3", "--total-timesteps", "900"))
     assert (merged.num_agents, merged.learning_rate, merged.checkpoint_every) == (4, 1e-3, 2)
     assert (merged.eval_model, merged.eval_episodes, merged.total_timesteps) == (path, 3, 900)
-    # one set here that the run did not have is refused, and a model is no checkpoint
+    # one set here that the run did not have is refused, and so is the file of another script
     with pytest.raises(SystemExit, match="was trained with --num-agents 4: drop the flag or give that"):
         lv.load_run(path, parse(lv, "--eval-model", path, "--num-agents", "5"))
-    with pytest.raises(SystemExit, match="is a model, not a checkpoint"):
+    torch.save({"args": vars(run), "script": "lv_hatrpo_mpe.py", "actors": {}}, path)
+    with pytest.raises(SystemExit, match="was written by lv_hatrpo_mpe.py, not lv_happo_mpe.py: use that one"):
         lv.load_run(path, parse(lv, "--resume", path))
