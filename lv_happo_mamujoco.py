@@ -230,8 +230,8 @@ def reached_states(next_state: Tensor, truncated: np.ndarray, infos: dict) -> Te
 
 def check_env(args: Args) -> None:
     """One environment built (and rendered, for --capture-video) before anything starts, or a one-line exit:
-    gymnasium-robotics fails on some tasks (CoupledHalfCheetah with mujoco 4), and videos need MuJoCo's off-screen
-    rendering."""
+    gymnasium-robotics fails on some tasks (CoupledHalfCheetah with mujoco 4), videos need MuJoCo's off-screen
+    rendering, and a shared actor agents of one size."""
     try:
         env = make_env(args, "rgb_array")()
         if args.capture_video:
@@ -240,6 +240,8 @@ def check_env(args: Args) -> None:
         env.close()
     except Exception as error:
         fail(f"cannot build {args.env_id} {args.agent_conf} or render it (videos: see the docs page): {error!r:.200}")
+    if env.share_actor and len(set(zip(env.obs_dims, env.act_dims, strict=True))) > 1:
+        fail(f"--share-actor needs agents of one size: observations of {env.obs_dims}, actions of {env.act_dims} here")
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -655,8 +657,6 @@ if __name__ == "__main__":
     state_dim = envs.single_observation_space["state"].shape[0]
     action_shape = envs.single_action_space.shape  # (num_agents, max_act_dim)
 
-    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
-        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
     actors, policies = make_actors(args, obs_dims, act_dims, device)  # agent i acts with policies[i]
     critic = mlp(state_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # the centralized critic V(s)
     value_norm = ValueNorm().to(device)

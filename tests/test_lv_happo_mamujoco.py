@@ -7,6 +7,7 @@ import torch
 from conftest import (
     assert_contract,
     assert_logged_and_finite,
+    assert_one_line_error,
     flag_error,
     only_run_dir,
     parse,
@@ -180,6 +181,12 @@ def test_end_to_end_logs_the_contract(tmp_cwd):
     assert_contract(scalars, 2, [200, 400])
     assert_logged_and_finite(scalars, ["eval/episodic_return"])
     assert all(value <= 60 for _, value in scalars["charts/episodic_length"])  # the time limit, or a fall
+
+
+def test_shared_actor_of_agents_of_different_sizes_is_refused_before_anything_is_written(tmp_cwd):
+    result = run_script(SCRIPT, "--env-id", "Hopper", "--agent-conf", "3x1", "--share-actor", cwd=tmp_cwd)
+    message = "--share-actor needs agents of one size: observations of [11, 12, 11], actions of [1, 1, 1] here"
+    assert_one_line_error(result, message, tmp_cwd)
 
 
 def test_capture_video_without_renderer_ends_before_training_in_one_line(tmp_cwd, monkeypatch):
