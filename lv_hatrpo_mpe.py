@@ -497,8 +497,10 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        fail(f"cannot read {path}: {'the file is empty' if os.path.getsize(path) == 0 else f'{error!r:.80}'}")
-    written_by, script = saved.get("script") if isinstance(saved, dict) else None, os.path.basename(__file__)
+        reason = f"not a checkpoint or model ({type(error).__name__})"
+        fail(f"cannot read {path}: {'the file is empty' if os.path.getsize(path) == 0 else reason}")
+    written_by = saved.get("script") if isinstance(saved, dict) else None
+    script = os.path.basename(__file__)
     if written_by != script:
         fail(f"{path} was written by {written_by or 'another program'}, not {script}: use that one")
     may_change = "total_timesteps num_iterations resume eval_model eval_episodes checkpoint_every cuda track"
