@@ -326,14 +326,6 @@ class ValueNorm(nn.Module):
         if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
-    def normalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return x * std + mean
-
 
 def compute_gae(
     rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
@@ -352,12 +344,11 @@ def compute_gae(
 @torch.no_grad()
 def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
     """GAE advantages, value targets (advantages + values) and values, each (T, E), from the rollout's states, the
-    states its steps reached (the true final state where an episode was truncated), rewards, terminations and dones:
-    a state reached by a termination is worth 0, a truncated episode bootstraps from its final state. The value
-    normalization takes on the new targets."""
+    states its steps reached, rewards, terminations and dones; the value normalization takes on the new targets."""
     states, next_states, rewards, terminations, dones = rollout
-    values = value_norm.denormalize(critic(states).squeeze(-1))
-    next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
+    mean, std = value_norm.mean_std()
+    values = critic(states).squeeze(-1) * std + mean  # the critic's outputs are normalized values
+    next_values = (critic(next_states).squeeze(-1) * std + mean) * (1.0 - terminations)
     advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
     returns = advantages + values
     value_norm.update(returns)
@@ -369,13 +360,6 @@ def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
     if mode == "none":
         return torch.ones_like(factor)
     return factor.clamp(max=factor_clip) if mode == "clipped" else factor
-
-
-def actor_loss(newlogprob: Tensor, oldlogprob: Tensor, advantages: Tensor, m_used: Tensor, clip_coef: float) -> Tensor:
-    """-E[m_used * min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
-    ratio = (newlogprob - oldlogprob).exp()
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return -(m_used * surrogate).mean()
 
 
 def critic_loss(newvalue: Tensor, oldvalue: Tensor, returns: Tensor, clip_coef: float) -> Tensor:
@@ -397,12 +381,14 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor, params, max_gr
 
 
 def agent_step(actor: nn.Module, optimizer, samples: list, args: Args, logs: dict) -> None:
-    """One step on -E[m_used * clipped surrogate] - ent_coef * entropy over a minibatch of an agent's samples (obs,
-    actions, behaviour log-probabilities, advantages, m_used)."""
+    """One step on -E[m_used * min(r A, clip(r, 1 - eps, 1 + eps) A)] - ent_coef * entropy over a minibatch of an
+    agent's samples (obs, actions, behaviour log-probabilities, advantages, m_used)."""
     obs, actions, oldlogprob, advantages, m_used = samples
     dist = actor.distribution(obs)
-    newlogprob, entropy_loss = dist.log_prob(actions), dist.entropy().mean()
-    pg_loss = actor_loss(newlogprob, oldlogprob, advantages, m_used, args.clip_coef)
+    ratio = (dist.log_prob(actions) - oldlogprob).exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+    pg_loss = -(m_used * surrogate).mean()
+    entropy_loss = dist.entropy().mean()
     logs["policy_loss"].append(pg_loss.item())
     logs["entropy"].append(entropy_loss.item())
     gradient_step(optimizer, pg_loss - args.ent_coef * entropy_loss, actor.parameters(), args.max_grad_norm, logs)
@@ -593,9 +579,8 @@ def restore(saved: dict, stateful: dict) -> tuple[int, int]:
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
-    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
-    leaves that one whole."""
+    """The state dicts, random streams, progress and script's name (another script refuses them), written to a
+    temporary file renamed over the last one, so that a crash mid-write leaves that one whole."""
     rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
@@ -720,7 +705,8 @@ if __name__ == "__main__":
         advantages, returns, values = advantages_and_returns(critic, value_norm, rollout, args)  # (T, E) each
 
         b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
-        b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
+        mean, std = value_norm.mean_std()
+        b_returns, b_values = (returns.flatten() - mean) / std, (values.flatten() - mean) / std  # normalized
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
         # ALGO LOGIC: sequential actor updates in a random order, each agent's advantage weighted by min(M, c)
@@ -763,14 +749,12 @@ if __name__ == "__main__":
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
-        if interrupted:
-            break
+        if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+            writer.close()
+            print(f"interrupted; resume with: python {sys.argv[0]} --resume {checkpoint_path}")
+            sys.exit(128 + interrupted[0])
 
     envs.close()
-    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
-        writer.close()
-        print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
-        sys.exit(128 + interrupted[0])
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
         save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})

@@ -303,14 +303,6 @@ class ValueNorm(nn.Module):
         if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
-    def normalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return x * std + mean
-
 
 def compute_gae(
     rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
@@ -338,10 +330,11 @@ def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tu
     its steps reached, rewards, terminations and dones: a state reached by a termination is worth 0, a truncated
     episode bootstraps from its final state. The value normalization takes on the new targets."""
     states, obs, final_states, final_obs, rewards, terminations, dones = rollout
+    mean, std = value_norm.mean_std()
     critic_in = critic_inputs(states, obs, args.state_type)
-    values = value_norm.denormalize(critic(critic_in).squeeze(-1))
+    values = critic(critic_in).squeeze(-1) * std + mean  # the critic's outputs are normalized values
     next_in = critic_inputs(final_states, final_obs, args.state_type)
-    next_values = value_norm.denormalize(critic(next_in).squeeze(-1)) * (1.0 - terminations[..., None])
+    next_values = (critic(next_in).squeeze(-1) * std + mean) * (1.0 - terminations[..., None])
     advantages = compute_gae(rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda)
     returns = advantages + values
     value_norm.update(returns)
@@ -616,9 +609,8 @@ def restore(saved: dict, stateful: dict) -> tuple[int, int]:
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
-    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
-    leaves that one whole."""
+    """The state dicts, random streams, progress and script's name (another script refuses them), written to a
+    temporary file renamed over the last one, so that a crash mid-write leaves that one whole."""
     rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
@@ -753,7 +745,8 @@ if __name__ == "__main__":
 
         b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avails, actions, logprobs))
         b_active, b_critic_in = active_masks.flatten(0, 1), critic_in.flatten(0, 1)
-        b_returns, b_values = value_norm.normalize(returns.flatten(0, 1)), value_norm.normalize(values.flatten(0, 1))
+        mean, std = value_norm.mean_std()
+        b_returns, b_values = (returns.flatten(0, 1) - mean) / std, (values.flatten(0, 1) - mean) / std  # normalized
         b_value_mask = b_active if args.state_type == "FP" else torch.ones_like(b_values)  # the living agents' values
         adv_mean = masked_mean(advantages.flatten(0, 1), b_value_mask)
         adv_std = masked_mean((advantages.flatten(0, 1) - adv_mean) ** 2, b_value_mask).sqrt()
@@ -803,14 +796,12 @@ if __name__ == "__main__":
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
-        if interrupted:
-            break
+        if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+            writer.close()
+            print(f"interrupted; resume with: python {sys.argv[0]} --resume {checkpoint_path}")
+            sys.exit(128 + interrupted[0])
 
     envs.close()
-    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
-        writer.close()
-        print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
-        sys.exit(128 + interrupted[0])
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
         save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})

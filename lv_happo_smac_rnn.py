@@ -337,14 +337,6 @@ class ValueNorm(nn.Module):
         if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
-    def normalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return x * std + mean
-
 
 def compute_gae(
     rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
@@ -374,11 +366,12 @@ def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tu
     states, obs, final_states, final_obs, rewards, terminations, dones, starts, h0 = rollout
     critic_in = critic_inputs(states, obs, args.state_type)  # (T, E, C, D)
     steps, envs, columns = critic_in.shape[:3]
+    mean, std = value_norm.mean_std()
     out, hiddens = critic(critic_in.flatten(1, 2), h0, starts.repeat_interleave(columns, 1))
-    values = value_norm.denormalize(out.squeeze(-1)).view(steps, envs, columns)
+    values = (out.squeeze(-1) * std + mean).view(steps, envs, columns)  # the critic's outputs are normalized values
     next_in = critic_inputs(final_states, final_obs, args.state_type).flatten(0, 2)
     next_h = critic.gru(torch.relu(critic.base(next_in)), hiddens.flatten(0, 1))  # the step's final state
-    next_values = value_norm.denormalize(critic.head(critic.norm(next_h)).squeeze(-1)).view(steps, envs, columns)
+    next_values = (critic.head(critic.norm(next_h)).squeeze(-1) * std + mean).view(steps, envs, columns)
     next_values = next_values * (1.0 - terminations[..., None])
     advantages = compute_gae(rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda)
     returns = advantages + values
@@ -524,7 +517,8 @@ def update_critic(critic: nn.Module, optimizer, value_norm: ValueNorm, batch: tu
     c_in, c_h0 = chunks(critic_in, length), chunks(critic_h, length)[0]
     c_starts = chunks(starts.repeat_interleave(columns, 1), length)
     c_returns, c_values, c_mask = (chunks(x.flatten(1, 2), length) for x in (returns, values, value_mask))
-    c_returns, c_values = value_norm.normalize(c_returns), value_norm.normalize(c_values)
+    mean, std = value_norm.mean_std()
+    c_returns, c_values = (c_returns - mean) / std, (c_values - mean) / std
     minibatch_size = c_in.shape[1] // args.num_minibatches
     for epoch in range(args.update_epochs):
         c_inds = torch.randperm(c_in.shape[1])
@@ -693,9 +687,8 @@ def restore(saved: dict, stateful: dict) -> tuple[int, int]:
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
-    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
-    leaves that one whole."""
+    """The state dicts, random streams, progress and script's name (another script refuses them), written to a
+    temporary file renamed over the last one, so that a crash mid-write leaves that one whole."""
     rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
@@ -880,14 +873,12 @@ if __name__ == "__main__":
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
-        if interrupted:
-            break
+        if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+            writer.close()
+            print(f"interrupted; resume with: python {sys.argv[0]} --resume {checkpoint_path}")
+            sys.exit(128 + interrupted[0])
 
     envs.close()
-    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
-        writer.close()
-        print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
-        sys.exit(128 + interrupted[0])
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
         save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})

@@ -238,14 +238,6 @@ class ValueNorm(nn.Module):
         if torch.isfinite(x).all():  # a non-finite return would spoil the statistics for good
             self.stats.mul_(self.beta).add_(torch.stack([x.mean(), (x**2).mean(), x.new_ones(())]) * (1 - self.beta))
 
-    def normalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean_std()
-        return x * std + mean
-
 
 def compute_gae(
     rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, gae_lambda: float
@@ -264,12 +256,11 @@ def compute_gae(
 @torch.no_grad()
 def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
     """GAE advantages, value targets (advantages + values) and values, each (T, E), from the rollout's states, the
-    states its steps reached (the true final state where an episode was truncated), rewards, terminations and dones:
-    a state reached by a termination is worth 0, a truncated episode bootstraps from its final state. The value
-    normalization takes on the new targets."""
+    states its steps reached, rewards, terminations and dones; the value normalization takes on the new targets."""
     states, next_states, rewards, terminations, dones = rollout
-    values = value_norm.denormalize(critic(states).squeeze(-1))
-    next_values = value_norm.denormalize(critic(next_states).squeeze(-1)) * (1.0 - terminations)
+    mean, std = value_norm.mean_std()
+    values = critic(states).squeeze(-1) * std + mean  # the critic's outputs are normalized values
+    next_values = (critic(next_states).squeeze(-1) * std + mean) * (1.0 - terminations)
     advantages = compute_gae(rewards, values, next_values, dones, args.gamma, args.gae_lambda)
     returns = advantages + values
     value_norm.update(returns)
@@ -523,9 +514,8 @@ def restore(saved: dict, stateful: dict) -> tuple[int, int]:
 
 
 def save_checkpoint(path: str, stateful: dict, progress: dict) -> None:
-    """The state dicts, random streams, progress and script's name (another script refuses them): a checkpoint, or
-    with --save-model the model, written to a temporary file renamed over the last one, so that a crash mid-write
-    leaves that one whole."""
+    """The state dicts, random streams, progress and script's name (another script refuses them), written to a
+    temporary file renamed over the last one, so that a crash mid-write leaves that one whole."""
     rng = [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]  # only torch's: numpy's global one is unused
     state = {name: module.state_dict() for name, module in stateful.items()}
     torch.save(state | progress | {"rng": rng, "script": os.path.basename(__file__)}, f"{path}.tmp")
@@ -644,7 +634,8 @@ if __name__ == "__main__":
         advantages, returns, values = advantages_and_returns(critic, value_norm, rollout, args)  # (T, E) each
 
         b_obs, b_states, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, states, actions, logprobs))
-        b_returns, b_values = value_norm.normalize(returns.flatten()), value_norm.normalize(values.flatten())
+        mean, std = value_norm.mean_std()
+        b_returns, b_values = (returns.flatten() - mean) / std, (values.flatten() - mean) / std  # normalized
         b_advantages = (advantages.flatten() - advantages.mean()) / (advantages.std() + 1e-8)  # normalized
 
         # ALGO LOGIC: sequential trust-region steps in a random order, each agent's advantage weighted by min(M, c)
@@ -683,14 +674,12 @@ if __name__ == "__main__":
         if interrupted or due:
             writer.flush()  # the events up to the checkpoint reach the disk before it: a crash after it loses none
             save_checkpoint(checkpoint_path, stateful, run | {"global_step": global_step, "iteration": iteration})
-        if interrupted:
-            break
+        if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
+            writer.close()
+            print(f"interrupted; resume with: python {sys.argv[0]} --resume {checkpoint_path}")
+            sys.exit(128 + interrupted[0])
 
     envs.close()
-    if interrupted:  # the checkpoint holds what was learned: say how to go on, exit 130 (SIGINT) or 143 (SIGTERM)
-        writer.close()
-        print(f"interrupted at global_step={global_step}\nresume with: python {sys.argv[0]} --resume {checkpoint_path}")
-        sys.exit(128 + interrupted[0])
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"  # a checkpoint by another name: it resumes too
         save_checkpoint(model_path, stateful, run | {"global_step": global_step, "iteration": args.num_iterations})

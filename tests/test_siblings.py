@@ -23,7 +23,6 @@ SHARED = {
     "reached_states": GYM,
     "evaluate_saved_model": GYM,
     "factor_used": EVERY,
-    "actor_loss": {"lv_happo_mpe.py", "lv_happo_mamujoco.py", "lv_happo_vmas.py"},
     "critic_loss": EVERY,
     "agent_step": SHARING,
     "agent_logratio": SHARING,
@@ -44,12 +43,7 @@ SHARED = {
     "MultiAgentArrays": {"lv_happo_mpe.py"},
 }
 DIFFERENT = {
-    (
-        "actor_loss",
-        "lv_hatrpo_mpe.py",
-    ): "a trust-region step on the linear surrogate instead (`surrogate`, `trpo_step`)",
     ("advantages_and_returns", "lv_happo_smac.py"): "a value per agent with the FP state; returns the critic's inputs",
-    ("actor_loss", "lv_happo_smac.py"): "a mean over the alive agents' samples only (dead agents are masked out)",
     ("update_actors", "lv_hatrpo_mpe.py"): "one trust-region step per agent (trpo_step), not epochs of clipped steps",
     ("update_actors", "lv_happo_smac.py"): "available actions and alive masks in the batch; a dead agent's ratio is 1",
     ("update_shared_actor", "lv_happo_smac.py"): "the same masks as its update_actors",
@@ -79,10 +73,6 @@ DIFFERENT = {
         "advantages_and_returns",
         "lv_happo_smac_rnn.py",
     ): "one pass of the recurrent critic over the rollout, from its first hidden state",
-    (
-        "actor_loss",
-        "lv_happo_smac_rnn.py",
-    ): "as lv_happo_smac.py's (test_the_recurrent_smac_script_shares_the_smac_pieces)",
     (
         "log_update",
         "lv_happo_smac_rnn.py",
