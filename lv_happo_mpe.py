@@ -427,8 +427,6 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
 
 def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
     """The actors (one per agent, or one for all with --share-actor) and the one each agent acts with."""
-    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
-        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
     sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]
     actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes) for o, a in sizes)
     return actors.to(device), [actors[0]] * len(obs_dims) if args.share_actor else list(actors)

@@ -165,11 +165,7 @@ class VMASEnvs:
 
 
 def make_env(args: Args, num_envs: int, seed: int, device: torch.device) -> VMASEnvs:
-    """A batch of environments, or one line when the scenario refuses the settings (it decides which agent counts)."""
-    try:
-        return VMASEnvs(args, num_envs, seed, device)
-    except (AssertionError, ValueError, TypeError) as error:
-        fail(f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out")
+    return VMASEnvs(args, num_envs, seed, device)  # one batched simulator, as the vector API's make_env thunks
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -405,7 +401,14 @@ def check_args(args: Args) -> Optional[str]:
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs: pip install moviepy"),
         (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
     ]
-    return next((message for wrong, message in problems if wrong), None)
+    if (problem := next((message for wrong, message in problems if wrong), None)) is not None:
+        return problem
+    try:  # the scenario decides which agent counts it takes: one environment asks it before anything is written
+        env = make_env(args, 1, args.seed, torch.device("cpu"))
+    except (AssertionError, ValueError, TypeError) as error:
+        return f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out"
+    if args.share_actor and len(set(zip(env.obs_dims, env.act_dims, strict=True))) > 1:
+        return f"--share-actor needs agents of one size: observations of {env.obs_dims}, actions of {env.act_dims} here"
 
 
 def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_folder: Optional[str] = None) -> float:
@@ -436,8 +439,6 @@ def evaluate(actors: nn.ModuleList, args: Args, device: torch.device, video_fold
 
 def make_actors(args: Args, obs_dims: list, act_dims: list, device: torch.device) -> tuple[nn.ModuleList, list]:
     """The actors (one per agent, or one for all with --share-actor) and the one each agent acts with."""
-    if args.share_actor and len(set(zip(obs_dims, act_dims, strict=True))) > 1:
-        fail(f"--share-actor needs agents of one size: observations of {obs_dims}, actions of {act_dims} here")
     sizes = list(zip(obs_dims, act_dims, strict=True))[: 1 if args.share_actor else None]
     actors = nn.ModuleList(Actor(o, a, args.continuous_actions, args.hidden_sizes) for o, a in sizes)
     return actors.to(device), [actors[0]] * len(obs_dims) if args.share_actor else list(actors)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_contract, flag_error, only_run_dir, parse, read_scalars, run_script
+from conftest import assert_contract, assert_one_line_error, flag_error, only_run_dir, parse, read_scalars, run_script
 
 import lv_happo_vmas as lv
 
@@ -127,13 +127,20 @@ def test_bad_flags_are_refused(flags, message):
     assert message in flag_error(lv, *flags)
 
 
-def test_a_team_size_the_scenario_refuses_ends_in_one_line_before_training(tmp_cwd):
-    result = run_script(SCRIPT, "--env-id", "simple_speaker_listener", "--num-agents", "4", cwd=tmp_cwd, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "global_step=" not in result.stdout
-    assert result.stderr.strip().splitlines() == [
-        "lv_happo_vmas.py: error: simple_speaker_listener refuses these settings (it always has 2 agents): "
-        "try another --num-agents, or leave it out"
-    ]
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ("--num-agents", "4"),
+            "simple_speaker_listener refuses these settings (it always has 2 agents): try another --num-agents",
+        ),
+        (("--share-actor",), "--share-actor needs agents of one size: observations of [5, 13], actions of [5, 2]"),
+    ],
+)
+def test_settings_the_scenario_refuses_end_in_one_line_before_anything_is_written(tmp_cwd, flags, message):
+    result = run_script(SCRIPT, "--env-id", "simple_speaker_listener", *flags, cwd=tmp_cwd, timeout=120)
+    assert_one_line_error(result, message, tmp_cwd)
+    assert not list(tmp_cwd.iterdir())
 
 
 def test_short_learning_run_beats_random_policy(tmp_cwd):
