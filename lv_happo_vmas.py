@@ -625,8 +625,7 @@ if __name__ == "__main__":
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
-                errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef)
-                v_loss = errors.mean()
+                v_loss = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef).mean()
                 gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
                 logs["value_loss"].append(v_loss.item())
 
