@@ -48,6 +48,20 @@ def test_truncation_bootstraps_and_termination_does_not(script):
 
 
 @pytest.mark.parametrize("script", SHARING)
+def test_the_critics_outputs_are_normalized_values(script):
+    # running mean 2 and std 3 (mean of squares 13): the critic's 10 is the value 10 * 3 + 2 = 32, also where a
+    # truncated episode bootstraps; one step of reward 1, gamma 0.5: A = 1 + 0.5 * 32 - 32 = -15
+    module = importlib.import_module(script)
+    value_norm = module.ValueNorm()
+    value_norm.stats.copy_(torch.tensor([2.0, 13.0, 1.0]))
+    rollout = (torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1))
+    args = parse(module, "--gamma", "0.5", "--gae-lambda", "1")
+    advantages, _, values = module.advantages_and_returns(Constant(), value_norm, rollout, args)
+    torch.testing.assert_close(values, torch.tensor([[32.0]]))
+    torch.testing.assert_close(advantages, torch.tensor([[-15.0]]))
+
+
+@pytest.mark.parametrize("script", SHARING)
 def test_value_normalization_takes_on_the_targets(script):
     module = importlib.import_module(script)
     value_norm = module.ValueNorm()
