@@ -407,6 +407,7 @@ def check_args(args: Args) -> Optional[str]:
         env = make_env(args, 1, args.seed, torch.device("cpu"))
     except (AssertionError, ValueError, TypeError) as error:
         return f"{args.env_id} refuses these settings ({error}): try another --num-agents, or leave it out"
+    env.close()
     if args.share_actor and len(set(zip(env.obs_dims, env.act_dims, strict=True))) > 1:
         return f"--share-actor needs agents of one size: observations of {env.obs_dims}, actions of {env.act_dims} here"
 
