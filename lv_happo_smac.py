@@ -277,13 +277,27 @@ def act(actors: nn.ModuleList, obs: Tensor, avail: Tensor, deterministic: bool =
     return torch.stack(actions, 1), torch.stack(logprobs, 1)
 
 
-def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
-    """The critic's input (..., C, D): EP the state (C = 1); FP the state, each agent's observation and one-hot id."""
-    if state_type == "EP":
-        return state.unsqueeze(-2)
-    num_agents = obs.shape[-2]
-    ids = torch.eye(num_agents, device=obs.device).expand(obs.shape[:-1] + (num_agents,))
-    return torch.cat([state.unsqueeze(-2).expand(obs.shape[:-1] + state.shape[-1:]), obs, ids], -1)
+class CriticInput(nn.Module):
+    """The critic's input LayerNorm and first Linear (given), on the state (..., S) and the observations (..., N, O):
+    EP on the state (..., 1, H); FP on x_i = [state, o_i, one-hot i] of every agent i (..., N, H), from the parts:
+    W LN(x_i) + c = (W g x_i - mean(x_i) W g) / std(x_i) + W b + c, the state's share of W g x_i (most of x_i) computed
+    once per step rather than N times; the same numbers as the two layers on x_i, up to rounding."""
+
+    def __init__(self, norm: nn.LayerNorm, linear: nn.Linear, state_type: str):
+        super().__init__()
+        self.norm, self.linear, self.state_type = norm, linear, state_type
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        state, obs = inputs
+        if self.state_type == "EP":
+            return self.linear(self.norm(state)).unsqueeze(-2)
+        w = self.linear.weight * self.norm.weight  # W g
+        w_state, w_obs, w_id = w.split([state.shape[-1], obs.shape[-1], obs.shape[-2]], dim=1)
+        mean = (state.sum(-1, keepdim=True) + obs.sum(-1) + 1) / w.shape[1]  # (..., N): a one-hot sums to 1
+        var = ((state**2).sum(-1, keepdim=True) + (obs**2).sum(-1) + 1) / w.shape[1] - mean**2
+        wx = (state @ w_state.T).unsqueeze(-2) + obs @ w_obs.T + w_id.T  # (..., N, H)
+        scale = (var + self.norm.eps).rsqrt().unsqueeze(-1)
+        return (wx - mean.unsqueeze(-1) * w.sum(1)) * scale + self.linear(self.norm.bias)
 
 
 class ValueNorm(nn.Module):
@@ -326,19 +340,17 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 @torch.no_grad()
 def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
     """GAE advantages, value targets (advantages + values) and values, each (T, E, C) with C = N agents (FP) or 1
-    (EP), and the critic's inputs (T, E, C, critic_input_dim), from the rollout's states and observations, the ones
-    its steps reached, rewards, terminations and dones: a state reached by a termination is worth 0, a truncated
-    episode bootstraps from its final state. The value normalization takes on the new targets."""
+    (EP), from the rollout's states and observations, the ones its steps reached, rewards, terminations and dones: a
+    state reached by a termination is worth 0, a truncated episode bootstraps from its final state. The value
+    normalization takes on the new targets."""
     states, obs, final_states, final_obs, rewards, terminations, dones = rollout
     mean, std = value_norm.mean_std()
-    critic_in = critic_inputs(states, obs, args.state_type)
-    values = critic(critic_in).squeeze(-1) * std + mean  # the critic's outputs are normalized values
-    next_in = critic_inputs(final_states, final_obs, args.state_type)
-    next_values = (critic(next_in).squeeze(-1) * std + mean) * (1.0 - terminations[..., None])
+    values = critic((states, obs)).squeeze(-1) * std + mean  # the critic's outputs are normalized values
+    next_values = (critic((final_states, final_obs)).squeeze(-1) * std + mean) * (1.0 - terminations[..., None])
     advantages = compute_gae(rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda)
     returns = advantages + values
     value_norm.update(returns)
-    return advantages, returns, values, critic_in
+    return advantages, returns, values
 
 
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
@@ -677,10 +689,11 @@ if __name__ == "__main__":
             args, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, device, replays
         )
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
-    critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
+    critic_dim = envs.state_dim + (obs_dim + num_agents if args.state_type == "FP" else 0)  # [s, o_i, one-hot i]
 
     actors, policies = make_actors(args, envs, device)  # agent i acts with policies[i]
-    critic = mlp(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
+    critic = mlp(critic_dim, args.hidden_sizes, 1, out_std=1.0)  # V(s) (EP) or V(s, o_i, i) (FP) from (s, o)
+    critic = nn.Sequential(CriticInput(*critic[:2], args.state_type), *critic[2:]).to(device)
     value_norm = ValueNorm().to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5, fused=True)
@@ -741,10 +754,10 @@ if __name__ == "__main__":
         # bootstrap value if not done
         update_start = time.time()
         rollout = (states, obs, final_states, final_obs, rewards, terminations, dones)
-        advantages, returns, values, critic_in = advantages_and_returns(critic, value_norm, rollout, args)
+        advantages, returns, values = advantages_and_returns(critic, value_norm, rollout, args)
 
         b_obs, b_avail, b_actions, b_logprobs = (x.flatten(0, 1) for x in (obs, avails, actions, logprobs))
-        b_active, b_critic_in = active_masks.flatten(0, 1), critic_in.flatten(0, 1)
+        b_active, b_states = active_masks.flatten(0, 1), states.flatten(0, 1)
         mean, std = value_norm.mean_std()
         b_returns, b_values = (returns.flatten(0, 1) - mean) / std, (values.flatten(0, 1) - mean) / std  # normalized
         b_value_mask = b_active if args.state_type == "FP" else torch.ones_like(b_values)  # the living agents' values
@@ -766,7 +779,7 @@ if __name__ == "__main__":
             b_inds = torch.randperm(args.batch_size)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
-                newvalue = critic(b_critic_in[mb_inds]).squeeze(-1)
+                newvalue = critic((b_states[mb_inds], b_obs[mb_inds])).squeeze(-1)
                 errors = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef)
                 v_loss = masked_mean(errors, b_value_mask[mb_inds])  # FP: the living agents' values only
                 gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)

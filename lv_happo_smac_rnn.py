@@ -256,7 +256,7 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float
 class RecurrentNet(nn.Module):
     """HARL's recurrent base: the MLP base, a GRU cell, LayerNorm, then a linear head. forward runs over (T, B, D) from
     the hidden state h (B, H), zeroing it where `starts` (T, B) marks an episode's first step; it returns the outputs
-    (T, B, out_dim) and the hidden states after each step (T, B, H)."""
+    (T, B, out_dim) and the hidden states after each step (T, B, H). The critic's B columns are its E * C values."""
 
     def __init__(self, in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, out_std: float):
         super().__init__()
@@ -268,8 +268,8 @@ class RecurrentNet(nn.Module):
         self.head = layer_init(nn.Linear(hidden_sizes[-1], out_dim), std=out_std)
 
     def forward(self, x: Tensor, h: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-        features, hiddens = torch.relu(self.base(x)), []
-        for t in range(x.shape[0]):  # an episode's first step starts from a zero hidden state
+        features, hiddens = torch.relu(self.base(x)).flatten(1, -2), []  # the critic's base gives (T, E, C, H)
+        for t in range(features.shape[0]):  # an episode's first step starts from a zero hidden state
             h = self.gru(features[t], h * (1.0 - starts[t]).unsqueeze(-1))
             hiddens.append(h)
         hiddens = torch.stack(hiddens)
@@ -311,13 +311,27 @@ def chunks(x: Tensor, length: int) -> Tensor:
     return x.reshape(steps // length, length, envs, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
 
 
-def critic_inputs(state: Tensor, obs: Tensor, state_type: str) -> Tensor:
-    """The critic's input (..., C, D): EP the state (C = 1); FP the state, each agent's observation and one-hot id."""
-    if state_type == "EP":
-        return state.unsqueeze(-2)
-    num_agents = obs.shape[-2]
-    ids = torch.eye(num_agents, device=obs.device).expand(obs.shape[:-1] + (num_agents,))
-    return torch.cat([state.unsqueeze(-2).expand(obs.shape[:-1] + state.shape[-1:]), obs, ids], -1)
+class CriticInput(nn.Module):
+    """The critic's input LayerNorm and first Linear (given), on the state (..., S) and the observations (..., N, O):
+    EP on the state (..., 1, H); FP on x_i = [state, o_i, one-hot i] of every agent i (..., N, H), from the parts:
+    W LN(x_i) + c = (W g x_i - mean(x_i) W g) / std(x_i) + W b + c, the state's share of W g x_i (most of x_i) computed
+    once per step rather than N times; the same numbers as the two layers on x_i, up to rounding."""
+
+    def __init__(self, norm: nn.LayerNorm, linear: nn.Linear, state_type: str):
+        super().__init__()
+        self.norm, self.linear, self.state_type = norm, linear, state_type
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        state, obs = inputs
+        if self.state_type == "EP":
+            return self.linear(self.norm(state)).unsqueeze(-2)
+        w = self.linear.weight * self.norm.weight  # W g
+        w_state, w_obs, w_id = w.split([state.shape[-1], obs.shape[-1], obs.shape[-2]], dim=1)
+        mean = (state.sum(-1, keepdim=True) + obs.sum(-1) + 1) / w.shape[1]  # (..., N): a one-hot sums to 1
+        var = ((state**2).sum(-1, keepdim=True) + (obs**2).sum(-1) + 1) / w.shape[1] - mean**2
+        wx = (state @ w_state.T).unsqueeze(-2) + obs @ w_obs.T + w_id.T  # (..., N, H)
+        scale = (var + self.norm.eps).rsqrt().unsqueeze(-1)
+        return (wx - mean.unsqueeze(-1) * w.sum(1)) * scale + self.linear(self.norm.bias)
 
 
 class ValueNorm(nn.Module):
@@ -361,22 +375,21 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 def advantages_and_returns(critic: nn.Module, value_norm: ValueNorm, rollout: tuple, args: Args) -> tuple:
     """GAE advantages, value targets and values (T, E, C), C = N agents (FP) or 1 (EP), from one pass of the critic
     over the rollout from its first hidden state h0 (E * C, H); a final state is valued with the hidden state after
-    its step, 0 after a termination. Also the critic's inputs (T, E * C, D), its hidden state entering each step
-    (T, E * C, H) and after the last (E * C, H). The value normalization takes on the new targets."""
+    its step, 0 after a termination. Also the critic's hidden state entering each step (T, E * C, H) and after the
+    last (E * C, H). The value normalization takes on the new targets."""
     states, obs, final_states, final_obs, rewards, terminations, dones, starts, h0 = rollout
-    critic_in = critic_inputs(states, obs, args.state_type)  # (T, E, C, D)
-    steps, envs, columns = critic_in.shape[:3]
+    steps, envs, columns = *states.shape[:2], h0.shape[0] // states.shape[1]
     mean, std = value_norm.mean_std()
-    out, hiddens = critic(critic_in.flatten(1, 2), h0, starts.repeat_interleave(columns, 1))
+    out, hiddens = critic((states, obs), h0, starts.repeat_interleave(columns, 1))
     values = (out.squeeze(-1) * std + mean).view(steps, envs, columns)  # the critic's outputs are normalized values
-    next_in = critic_inputs(final_states, final_obs, args.state_type).flatten(0, 2)
-    next_h = critic.gru(torch.relu(critic.base(next_in)), hiddens.flatten(0, 1))  # the step's final state
+    next_features = torch.relu(critic.base((final_states, final_obs))).flatten(0, 2)
+    next_h = critic.gru(next_features, hiddens.flatten(0, 1))  # the step's final state
     next_values = (critic.head(critic.norm(next_h)).squeeze(-1) * std + mean).view(steps, envs, columns)
     next_values = next_values * (1.0 - terminations[..., None])
     advantages = compute_gae(rewards[..., None], values, next_values, dones[..., None], args.gamma, args.gae_lambda)
     returns = advantages + values
     value_norm.update(returns)
-    return advantages, returns, values, critic_in.flatten(1, 2), torch.cat([h0[None], hiddens[:-1]]), hiddens[-1]
+    return advantages, returns, values, torch.cat([h0[None], hiddens[:-1]]), hiddens[-1]
 
 
 def factor_used(factor: Tensor, mode: str, factor_clip: float) -> Tensor:
@@ -509,22 +522,23 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
 
 def update_critic(critic: nn.Module, optimizer, value_norm: ValueNorm, batch: tuple, args: Args, logs: dict) -> None:
     """The recurrent critic's epochs on chunks of --data-chunk-length steps, each from the critic's stored hidden state.
-    batch: its inputs (T, E * C, D) and the hidden states entering each step (T, E * C, H), episode starts (T, E), and
-    returns, values and value masks (T, E, C), the first two normalized here: the loss counts the living agents' values
-    only (FP)."""
-    critic_in, critic_h, starts, returns, values, value_mask = batch
+    batch: states (T, E, S), observations (T, E, N, O), the hidden states entering each step (T, E * C, H), episode
+    starts (T, E), and returns, values and value masks (T, E, C), the first two normalized here: the loss counts the
+    living agents' values only (FP)."""
+    states, obs, critic_h, starts, returns, values, value_mask = batch
     length, columns = args.data_chunk_length, returns.shape[-1]
-    c_in, c_h0 = chunks(critic_in, length), chunks(critic_h, length)[0]
-    c_starts = chunks(starts.repeat_interleave(columns, 1), length)
-    c_returns, c_values, c_mask = (chunks(x.flatten(1, 2), length) for x in (returns, values, value_mask))
+    c_states, c_obs, c_starts = chunks(states, length), chunks(obs, length), chunks(starts, length)
+    c_h0 = chunks(critic_h.view(*starts.shape, columns, -1), length)[0]  # (chunks, C, H)
+    c_returns, c_values, c_mask = (chunks(x, length) for x in (returns, values, value_mask))  # (L, chunks, C)
     mean, std = value_norm.mean_std()
     c_returns, c_values = (c_returns - mean) / std, (c_values - mean) / std
-    minibatch_size = c_in.shape[1] // args.num_minibatches
+    minibatch_size = c_states.shape[1] // args.num_minibatches
     for epoch in range(args.update_epochs):
-        c_inds = torch.randperm(c_in.shape[1])
-        for start in range(0, c_in.shape[1], minibatch_size):
-            mb = c_inds[start : start + minibatch_size]
-            newvalue = critic(c_in[:, mb], c_h0[mb], c_starts[:, mb])[0].squeeze(-1)
+        c_inds = torch.randperm(c_states.shape[1])
+        for start in range(0, c_states.shape[1], minibatch_size):
+            mb = c_inds[start : start + minibatch_size]  # chunks, each with its step's C values (as the states)
+            h0, mb_starts = c_h0[mb].flatten(0, 1), c_starts[:, mb].repeat_interleave(columns, 1)
+            newvalue = critic((c_states[:, mb], c_obs[:, mb]), h0, mb_starts)[0].view(length, -1, columns)
             errors = critic_loss(newvalue, c_values[:, mb], c_returns[:, mb], args.clip_coef)
             v_loss = masked_mean(errors, c_mask[:, mb])
             gradient_step(optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)
@@ -755,10 +769,12 @@ if __name__ == "__main__":
             args, args.eval_episodes if args.backend == "smax" else 1, args.seed + 10_000, device, replays
         )
     num_agents, num_actions, obs_dim = envs.num_agents, envs.num_actions, envs.obs_dim
-    critic_shape = critic_inputs(next_["state"], next_["obs"], args.state_type).shape[1:]  # (C, critic_input_dim)
+    critic_dim = envs.state_dim + (obs_dim + num_agents if args.state_type == "FP" else 0)  # [s, o_i, one-hot i]
+    critic_columns = num_agents if args.state_type == "FP" else 1  # the values of a step
 
     actors, policies = make_actors(args, envs, device)  # agent i acts with policies[i]
-    critic = RecurrentNet(critic_shape[-1], args.hidden_sizes, 1, out_std=1.0).to(device)  # V (EP) or V_i (FP)
+    critic = RecurrentNet(critic_dim, args.hidden_sizes, 1, out_std=1.0).to(device)  # V(s) (EP) or V(s, o_i, i) (FP)
+    critic.base = nn.Sequential(CriticInput(*critic.base[:2], args.state_type), *critic.base[2:])  # from (s, o)
     hidden_size = args.hidden_sizes[-1]
     value_norm = ValueNorm().to(device)
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5, fused=True) for a in actors]
@@ -795,7 +811,7 @@ if __name__ == "__main__":
             next_ = envs.reset(seed=args.seed + iteration - 1)
             episode_returns.zero_(), episode_lengths.zero_()
             next_hidden = torch.zeros((args.num_envs, num_agents, hidden_size), device=device)
-            critic_hidden = torch.zeros((args.num_envs * critic_shape[0], hidden_size), device=device)
+            critic_hidden = torch.zeros((args.num_envs * critic_columns, hidden_size), device=device)
             next_start = torch.ones(args.num_envs, device=device)
 
         rollout_start = time.time()
@@ -829,9 +845,7 @@ if __name__ == "__main__":
         # bootstrap value if not done
         update_start = time.time()
         rollout = (states, obs, final_states, final_obs, rewards, terminations, dones, starts, critic_hidden)
-        advantages, returns, values, critic_in, critic_h, critic_hidden = advantages_and_returns(
-            critic, value_norm, rollout, args
-        )
+        advantages, returns, values, critic_h, critic_hidden = advantages_and_returns(critic, value_norm, rollout, args)
         value_mask = active_masks if args.state_type == "FP" else torch.ones_like(values)  # (T, E, C): living agents
         adv_mean = masked_mean(advantages, value_mask)
         adv_std = masked_mean((advantages - adv_mean) ** 2, value_mask).sqrt()
@@ -846,7 +860,7 @@ if __name__ == "__main__":
             update_actors(actors, actor_optimizers, batch, args, writer, global_step, logs)
 
         # ALGO LOGIC: critic update on the normalized returns, in chunks from the critic's stored hidden states
-        critic_batch = (critic_in, critic_h, starts, returns, values, value_mask)
+        critic_batch = (states, obs, critic_h, starts, returns, values, value_mask)
         update_critic(critic, critic_optimizer, value_norm, critic_batch, args, logs)
 
         # TRY NOT TO MODIFY: a non-finite loss or gradient skips its step: nothing non-finite is kept

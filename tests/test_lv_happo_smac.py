@@ -63,12 +63,27 @@ def test_dead_agents_contribute_zero_actor_loss():
     assert changed.item() == loss.item()  # the dead agent's sample changes nothing, and the mean is over 3
 
 
-def test_critic_inputs_ep_and_fp():
-    state, obs = torch.randn(5, 4, 10), torch.randn(5, 4, 3, 6)  # (T, E, state_dim), (T, E, N, obs_dim)
-    assert lv.critic_inputs(state, obs, "EP").shape == (5, 4, 1, 10)
-    fp = lv.critic_inputs(state, obs, "FP")
-    assert fp.shape == (5, 4, 3, 10 + 6 + 3)
-    torch.testing.assert_close(fp[2, 1, 2], torch.cat([state[2, 1], obs[2, 1, 2], torch.tensor([0.0, 0.0, 1.0])]))
+@pytest.mark.parametrize("state_type", ["EP", "FP"])
+def test_critic_input_is_the_two_layers_on_the_state_or_on_every_agents_fp_input(state_type):
+    # EP: LayerNorm then Linear of the state; FP: of [state, o_i, one-hot i] for every agent i, computed from the parts
+    torch.manual_seed(0)
+    state, obs = torch.randn(5, 4, 10) * 3 + 1, torch.randn(5, 4, 3, 6)  # (T, E, state_dim), (T, E, N, obs_dim)
+    fp_x = torch.cat([state[..., None, :].expand(5, 4, 3, 10), obs, torch.eye(3).expand(5, 4, 3, 3)], -1)
+    x = state[..., None, :] if state_type == "EP" else fp_x  # (T, E, C, D)
+    norm, linear = torch.nn.LayerNorm(x.shape[-1]), torch.nn.Linear(x.shape[-1], 8)
+    with torch.no_grad():  # a gain and bias of the LayerNorm's own, not 1 and 0
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    weights = torch.randn(5, 4, x.shape[-2], 8)
+    outputs, grads = [], []
+    for layer in (torch.nn.Sequential(norm, linear), lv.CriticInput(norm, linear, state_type)):
+        outputs.append(layer(x if isinstance(layer, torch.nn.Sequential) else (state, obs)))
+        norm.zero_grad(), linear.zero_grad()
+        (outputs[-1] * weights).sum().backward()
+        grads.append([p.grad.clone() for p in (*norm.parameters(), *linear.parameters())])
+    assert outputs[1].shape == (5, 4, 1 if state_type == "EP" else 3, 8)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for factored, plain in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(factored, plain, atol=1e-4, rtol=1e-4)
 
 
 def test_critic_loss_ignores_dead_agents_values():

@@ -6,7 +6,15 @@ import re
 
 import pytest
 import torch
-from conftest import assert_contract, assert_logged_and_finite, flag_error, only_run_dir, read_scalars, run_script
+from conftest import (
+    assert_contract,
+    assert_logged_and_finite,
+    flag_error,
+    only_run_dir,
+    parse,
+    read_scalars,
+    run_script,
+)
 
 import lv_happo_smac_rnn as lv
 
@@ -74,6 +82,35 @@ def test_acting_step_by_step_equals_the_whole_rollout_and_its_chunks():
             with torch.no_grad():
                 dist, _ = actor.distribution(*chunked[:2], agent, lv.chunks(hidden[:, :, agent], length)[0], chunked[6])
             torch.testing.assert_close(dist.log_prob(chunked[2]), chunked[3], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("state_type", ["FP", "EP"])
+def test_the_critics_chunks_reproduce_its_values_from_the_stored_hidden_states(state_type, monkeypatch):
+    # the critic's pass over the rollout stores the hidden state entering each step; every chunk of its update (two
+    # minibatches, two epochs, parameters unchanged) starts from it and gives the values of that pass: the columns
+    # of states, observations, hidden states, starts and values line up (C = 3 agents with FP, 1 with EP)
+    torch.manual_seed(2)
+    args = parse(lv, "--num-steps", "12", "--num-envs", "3", "--num-minibatches", "2", "--update-epochs", "2")
+    args.data_chunk_length, args.state_type = 3, state_type  # 12 chunks, 6 a minibatch
+    obs, _, starts = rollout()
+    obs, states = torch.stack([obs, obs.flip(-1), -obs], 2), torch.randn(12, 3, 5)  # (T, E, N, 6), (T, E, 5)
+    columns, in_dim = (3, 5 + 6 + 3) if state_type == "FP" else (1, 5)
+    critic = lv.RecurrentNet(in_dim, (8, 8), 1, 1.0)
+    critic.base = torch.nn.Sequential(lv.CriticInput(*critic.base[:2], state_type), *critic.base[2:])
+    value_norm = lv.ValueNorm(beta=1.0)  # mean 0, std 1, kept: the values pass through unchanged
+    value_norm.stats.copy_(torch.tensor([0.0, 1.0, 1.0]))
+    ends = torch.zeros(12, 3)
+    h0 = torch.randn(3 * columns, 8)  # env 0 begins an episode at step 0, the others go on from h0
+    run = (states, obs, states, obs, ends, ends, ends, starts, h0)
+    _, returns, values, critic_h, _ = lv.advantages_and_returns(critic, value_norm, run, args)
+    seen = []
+    monkeypatch.setattr(lv, "critic_loss", lambda new, old, ret, clip: seen.append((new.detach(), old)) or new - new)
+    batch = (states, obs, critic_h, starts, returns, values, torch.ones(12, 3, columns))
+    logs = {"value_loss": [], "skipped_steps": []}
+    lv.update_critic(critic, torch.optim.SGD(critic.parameters(), lr=0.0), value_norm, batch, args, logs)
+    assert len(seen) == 4 and all(new.shape == (3, 6, columns) for new, _ in seen)
+    for new, old in seen:
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-5)
 
 
 def test_chunks_are_columns_of_consecutive_steps():

@@ -89,19 +89,16 @@ def test_reached_states_are_the_final_ones_where_truncated(script):
 
 @pytest.mark.parametrize("state_type", ["EP", "FP"])
 def test_smac_values_each_agent_with_the_fp_state(state_type):
-    # the same two steps as above, with 3 agents: EP gives one value per step (C = 1), FP one per agent (C = 3), the
-    # critic's inputs are returned for the critic's own update
+    # the same two steps as above, with 3 agents: EP gives one value per step (C = 1), FP one per agent (C = 3)
     module = importlib.import_module("lv_happo_smac")
     args = parse(module, "--gamma", "0.5", "--gae-lambda", "1", "--state-type", state_type)
     states, obs = torch.zeros(2, 2, 5), torch.zeros(2, 2, 3, 4)
     rewards, terminations, dones = torch.ones(2, 2), torch.tensor([[0.0, 1], [0, 0]]), torch.tensor([[1.0, 1], [0, 0]])
     rollout = (states, obs, states, obs, rewards, terminations, dones)
-    critic = Constant()
-    advantages, returns, values, critic_in = module.advantages_and_returns(
-        critic, identity(module.ValueNorm()), rollout, args
-    )
+    in_dim = 5 if state_type == "EP" else 5 + 4 + 3
+    critic = nn.Sequential(module.CriticInput(nn.LayerNorm(in_dim), nn.Linear(in_dim, 8), state_type), Constant())
+    advantages, returns, values = module.advantages_and_returns(critic, identity(module.ValueNorm()), rollout, args)
     agents = 1 if state_type == "EP" else 3
-    assert critic_in.shape == (2, 2, agents, 5 if state_type == "EP" else 5 + 4 + 3)
     expected = torch.tensor([[-4.0, -9.0], [-4.0, -4.0]])[..., None].expand(2, 2, agents)
     torch.testing.assert_close(advantages, expected)
     torch.testing.assert_close(returns, advantages + 10)

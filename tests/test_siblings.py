@@ -173,7 +173,7 @@ def test_mpe_arrays_differ_only_by_the_id():
     assert happo == pieces("lv_hatrpo_mpe.py")["MultiAgentArrays"]
 
 
-SMAC_PIECES = ["smax_maps", "SMAXEnvs", "SC2Envs", "critic_inputs", "masked_mean", "actor_loss", "log_update"]
+SMAC_PIECES = ["smax_maps", "SMAXEnvs", "SC2Envs", "CriticInput", "masked_mean", "actor_loss", "log_update"]
 SMAC_PIECES += ["make_env", "start_env", "make_actors", "evaluate_saved_model"]
 
 
