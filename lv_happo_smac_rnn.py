@@ -328,7 +328,7 @@ class CriticInput(nn.Module):
         w = self.linear.weight * self.norm.weight  # W g
         w_state, w_obs, w_id = w.split([state.shape[-1], obs.shape[-1], obs.shape[-2]], dim=1)
         mean = (state.sum(-1, keepdim=True) + obs.sum(-1) + 1) / w.shape[1]  # (..., N): a one-hot sums to 1
-        var = ((state**2).sum(-1, keepdim=True) + (obs**2).sum(-1) + 1) / w.shape[1] - mean**2
+        var = (state.norm(dim=-1, keepdim=True) ** 2 + obs.norm(dim=-1) ** 2 + 1) / w.shape[1] - mean**2
         wx = (state @ w_state.T).unsqueeze(-2) + obs @ w_obs.T + w_id.T  # (..., N, H)
         scale = (var + self.norm.eps).rsqrt().unsqueeze(-1)
         return (wx - mean.unsqueeze(-1) * w.sum(1)) * scale + self.linear(self.norm.bias)
