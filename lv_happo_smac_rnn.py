@@ -315,7 +315,8 @@ class CriticInput(nn.Module):
     """The critic's input LayerNorm and first Linear (given), on the state (..., S) and the observations (..., N, O):
     EP on the state (..., 1, H); FP on x_i = [state, o_i, one-hot i] of every agent i (..., N, H), from the parts:
     W LN(x_i) + c = (W g x_i - mean(x_i) W g) / std(x_i) + W b + c, the state's share of W g x_i (most of x_i) computed
-    once per step rather than N times; the same numbers as the two layers on x_i, up to rounding."""
+    once per step rather than N times; the same numbers as the two layers on x_i, up to rounding (the variance is
+    taken as E[x^2] - mean^2, as accurate as LayerNorm's where the mean is small against the spread, as in SMAC)."""
 
     def __init__(self, norm: nn.LayerNorm, linear: nn.Linear, state_type: str):
         super().__init__()
