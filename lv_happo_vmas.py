@@ -454,7 +454,7 @@ def evaluate_saved_model(args: Args) -> None:
     env = make_env(args, 1, args.seed, device)
     actors, policies = make_actors(args, env.obs_dims, env.act_dims, device)
     env.close()
-    actors.load_state_dict(saved["actors"])
+    restore(saved, {"actors": actors})
     evaluate(policies, args, device, video_folder)
     sys.exit(0)
 
@@ -482,9 +482,13 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
 
 
 def restore(saved: dict, stateful: dict) -> tuple[int, int]:
-    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run."""
-    for name, module in stateful.items():
-        module.load_state_dict(saved[name])
+    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run. A
+    file whose networks differ from those built here (another version of this script wrote it) ends in one line."""
+    try:
+        for name, module in stateful.items():
+            module.load_state_dict(saved[name])
+    except (KeyError, RuntimeError, ValueError) as error:
+        fail(f"{name} in the file does not fit this script's ({type(error).__name__}): use the one that wrote it")
     torch.set_rng_state(saved["rng"][0])
     torch.cuda.set_rng_state_all(saved["rng"][1:])
     return saved["global_step"], saved["iteration"] + 1
@@ -525,15 +529,6 @@ if __name__ == "__main__":
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
-    if args.track:
-        import wandb
-
-        wandb_run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
-        wandb.init(**wandb_run, sync_tensorboard=True)
-    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
-    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
     torch.manual_seed(args.seed)
@@ -569,6 +564,15 @@ if __name__ == "__main__":
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     run = {"run_name": run_name, "args": vars(args)}  # what every checkpoint says of its run
     global_step, start_iteration = (0, 1) if checkpoint is None else restore(checkpoint, stateful)
+    if args.track:
+        import wandb
+
+        wandb_run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
+        wandb.init(**wandb_run, sync_tensorboard=True)
+    # on resume, events a crashed run logged after its checkpoint are purged, so no step appears twice
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
     interrupted = catch_interrupts()  # SIGINT or SIGTERM: stop after this iteration and save
 
     # TRY NOT TO MODIFY: start the game

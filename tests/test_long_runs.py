@@ -86,19 +86,29 @@ def test_a_saved_model_is_evaluated_without_training(tmp_path, script):
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.pt")
     from_checkpoint = run_script(script, "--eval-model", str(checkpoint), "--eval-episodes", "3", cwd=tmp_path)
     assert from_checkpoint.returncode == 0 and from_checkpoint.stdout == result.stdout, from_checkpoint.stderr
-    # a flag set here that the run did not have, an empty file and one that is not torch's: one line each
+    # a flag set here that the run did not have, an empty file, one that is not torch's, and files whose networks do
+    # not fit the ones built (as from another version of the script): one line each
     (tmp_path / "empty.cleanrl_model").write_bytes(b"")
     (tmp_path / "notes.cleanrl_model").write_text("not a model")
+    saved = torch.load(checkpoint, weights_only=True)
+    actor_weight = next(iter(saved["actors"]))
+    wider, renamed = tmp_path / "wider.cleanrl_model", tmp_path / "renamed.pt"
+    torch.save(saved | {"actors": saved["actors"] | {actor_weight: torch.zeros(3, 3)}}, wider)
+    torch.save(saved | {"critic": {f"base.{key}": value for key, value in saved["critic"].items()}}, renamed)
     cases = [
         (["--hidden-sizes", "8", "--eval-model", str(model)], f"{model} was trained with --hidden-sizes "),
         (["--eval-model", str(tmp_path / "empty.cleanrl_model")], "the file is empty"),
         (["--eval-model", str(tmp_path / "notes.cleanrl_model")], f"cannot read {tmp_path / 'notes.cleanrl_model'}: "),
+        (["--eval-model", str(wider)], "actors in the file does not fit this script's ("),
+        (["--resume", str(renamed)], "critic in the file does not fit this script's (RuntimeError)"),
     ]
+    run_files = sorted((path.name, path.stat().st_mtime_ns) for path in checkpoint.parent.iterdir())
     for given, message in cases:
         result = run_script(script, *given, cwd=tmp_path)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert sorted((tmp_path / "runs").iterdir()) == runs_before
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in checkpoint.parent.iterdir()) == run_files
 
 
 def test_resume_appends_without_duplicated_steps_after_a_crash(tmp_path):
