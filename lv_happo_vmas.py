@@ -482,8 +482,7 @@ def load_run(path: str, args: Args) -> tuple[dict, Args]:
 
 
 def restore(saved: dict, stateful: dict) -> tuple[int, int]:
-    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run. A
-    file whose networks differ from those built here (another version of this script wrote it) ends in one line."""
+    """Loads a saved run's state dicts and random streams; returns the global step and the first iteration to run."""
     try:
         for name, module in stateful.items():
             module.load_state_dict(saved[name])
