@@ -1,7 +1,9 @@
 # lv_happo_mamujoco.py: LV-HAPPO on Multi-Agent MuJoCo (gymnasium-robotics). Docs: docs/lv_happo_mamujoco.md
 import contextlib
 import copy
+import fcntl
 import importlib.util
+import inspect
 import io
 import math
 import os
@@ -158,14 +160,16 @@ class MultiAgentArrays(gym.Env):
 
     def __init__(self, args: Args, render_mode: Optional[str] = None):
         parts, edges, globals_ = partition(args.env_id, args.agent_conf)
-        self.env = mamujoco_v1.parallel_env(
-            args.env_id,
-            args.agent_conf,
-            agent_obsk=args.agent_obsk,
-            agent_factorization={"partition": parts, "edges": edges, "globals": globals_},
-            render_mode=render_mode,
-            max_episode_steps=args.max_episode_steps,
-        )
+        with open(inspect.getfile(mamujoco_v1.parallel_env)) as lock:  # gymnasium-robotics writes a ManySegment task's
+            fcntl.flock(lock, fcntl.LOCK_EX)  # model to one file beside this one and deletes it: one build at a time
+            self.env = mamujoco_v1.parallel_env(
+                args.env_id,
+                args.agent_conf,
+                agent_obsk=args.agent_obsk,
+                agent_factorization={"partition": parts, "edges": edges, "globals": globals_},
+                render_mode=render_mode,
+                max_episode_steps=args.max_episode_steps,
+            )
         self.render_mode, self.global_obs, self.standardize_obs = render_mode, args.global_obs, args.standardize_obs
         self.agents = list(self.env.possible_agents)
         self.act_spaces = [self.env.action_space(a) for a in self.agents]

@@ -1,5 +1,9 @@
 """Tests of lv_happo_mamujoco.py: the MaMuJoCo wrapper, episode ends, and the script run as a user runs it."""
 
+import fcntl
+import inspect
+import threading
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -134,6 +138,21 @@ def test_single_joint_partitions(task, conf, agents, state_dim):
     assert obs["state"].shape == (state_dim,) and obs["obs"].shape == (agents, max(robot.obs_dims))
     obs, reward, _, _, _ = robot.step(np.full((agents, 1), 0.1, np.float32))
     assert np.isfinite(reward) and np.isfinite(obs["obs"]).all()
+
+
+def test_environments_are_built_one_at_a_time_across_processes():
+    # gymnasium-robotics builds a ManySegment task by writing its model to one file of its package and deleting it, so
+    # two runs starting together (the benchmark's two workers) crashed on that file; the script holds a lock meanwhile
+    built = []
+    swimmer = ("--env-id", "ManySegmentSwimmer", "--agent-conf", "3x1")
+    builder = threading.Thread(target=lambda: built.append(env(*swimmer)))
+    with open(inspect.getfile(mamujoco_v1.parallel_env)) as lock:  # another process's build under way
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder.start()
+        builder.join(timeout=3)
+        assert builder.is_alive() and not built  # waits for it
+    builder.join(timeout=60)
+    assert len(built) == 1 and len(built[0].agents) == 3
 
 
 def test_truncation_keeps_the_true_final_state():
