@@ -1,7 +1,6 @@
 # lv_happo_mamujoco.py: LV-HAPPO on Multi-Agent MuJoCo (gymnasium-robotics). Docs: docs/lv_happo_mamujoco.md
 import contextlib
 import copy
-import fcntl
 import importlib.util
 import inspect
 import io
@@ -24,6 +23,11 @@ from torch import Tensor
 from torch.distributions import Independent, Normal
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.tensorboard import SummaryWriter
+
+try:  # POSIX: environments are built one process at a time (MultiAgentArrays)
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 with contextlib.redirect_stderr(io.StringIO()):  # gymnasium-robotics prints a notice about Adroit tasks at import
     from gymnasium_robotics import mamujoco_v1
@@ -161,7 +165,8 @@ class MultiAgentArrays(gym.Env):
     def __init__(self, args: Args, render_mode: Optional[str] = None):
         parts, edges, globals_ = partition(args.env_id, args.agent_conf)
         with open(inspect.getfile(mamujoco_v1.parallel_env)) as lock:  # gymnasium-robotics writes a ManySegment task's
-            fcntl.flock(lock, fcntl.LOCK_EX)  # model to one file beside this one and deletes it: one build at a time
+            if fcntl is not None:  # model to one file beside this one and deletes it: one build at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
             self.env = mamujoco_v1.parallel_env(
                 args.env_id,
                 args.agent_conf,
