@@ -102,8 +102,6 @@ class Args:
     # to be filled in runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
 
@@ -487,9 +485,7 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
         log_factor(writer, k, factor, (m_used * whole[4])[whole[5] > 0], args.factor_clip, step)
         chunked, h0 = [chunks(x, length) for x in whole], chunks(hidden[:, :, agent], length)[0]
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(num_chunks)
-            for start in range(0, num_chunks, args.minibatch_size):
-                mb = b_inds[start : start + args.minibatch_size]
+            for mb in torch.randperm(num_chunks).tensor_split(args.num_minibatches):  # near-equal minibatches
                 agent_step(actor, optimizer, agent, [x[:, mb] for x in chunked], h0[mb], args, logs)
         logratio = agent_logratio(actor, agent, whole, hidden[0, :, agent])
         log_update(logratio, whole[5], args.clip_coef, logs)
@@ -506,13 +502,11 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(steps, envs, device=starts.device)
-        b_inds = torch.randperm(num_chunks)
-        for start in range(0, num_chunks, args.minibatch_size):
-            mb = b_inds[start : start + args.minibatch_size]
+        for mb_index, mb in enumerate(torch.randperm(num_chunks).tensor_split(args.num_minibatches)):
             for k, agent in enumerate(order):
                 m_used = factor_used(factor, args.factor, args.factor_clip)
                 whole = [x[:, :, agent] for x in per_agent] + [starts, m_used]
-                if epoch == args.update_epochs - 1 and start == 0:
+                if epoch == args.update_epochs - 1 and mb_index == 0:
                     log_factor(writer, k, factor, (m_used * whole[4])[whole[5] > 0], args.factor_clip, step)
                 chunked, h0 = [chunks(x, length)[:, mb] for x in whole], chunks(hidden[:, :, agent], length)[0][mb]
                 agent_step(actor, optimizer, agent, chunked, h0, args, logs)
@@ -533,11 +527,8 @@ def update_critic(critic: nn.Module, optimizer, value_norm: ValueNorm, batch: tu
     c_returns, c_values, c_mask = (chunks(x, length) for x in (returns, values, value_mask))  # (L, chunks, C)
     mean, std = value_norm.mean_std()
     c_returns, c_values = (c_returns - mean) / std, (c_values - mean) / std
-    minibatch_size = c_states.shape[1] // args.num_minibatches
     for epoch in range(args.update_epochs):
-        c_inds = torch.randperm(c_states.shape[1])
-        for start in range(0, c_states.shape[1], minibatch_size):
-            mb = c_inds[start : start + minibatch_size]  # chunks, each with its step's C values (as the states)
+        for mb in torch.randperm(c_states.shape[1]).tensor_split(args.num_minibatches):  # chunks, with their C values
             h0, mb_starts = c_h0[mb].flatten(0, 1), c_starts[:, mb].repeat_interleave(columns, 1)
             newvalue = critic((c_states[:, mb], c_obs[:, mb]), h0, mb_starts)[0].view(length, -1, columns)
             errors = critic_loss(newvalue, c_values[:, mb], c_returns[:, mb], args.clip_coef)
@@ -741,7 +732,6 @@ if __name__ == "__main__":
     checkpoint, args = (None, args) if args.resume is None else load_run(args.resume, args)  # the run's own flags
     args.batch_size = int(args.num_envs * args.num_steps)
     args.critic_learning_rate = args.critic_learning_rate or args.learning_rate
-    args.minibatch_size = int(args.batch_size // args.data_chunk_length // args.num_minibatches)  # chunks
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     run_name = f"{args.env_id}_{args.backend}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder

@@ -102,8 +102,6 @@ class Args:
     # to be filled in runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
 
@@ -342,9 +340,7 @@ def update_actors(actors: list, optimizers: list, batch: tuple, args: Args, writ
         actions = b_actions[:, agent, : actor.act_dim] if b_actions.dim() > 2 else b_actions[:, agent]  # unpadded
         samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(batch_size)
-            for start in range(0, batch_size, args.minibatch_size):
-                mb = b_inds[start : start + args.minibatch_size]
+            for mb in torch.randperm(batch_size).tensor_split(args.num_minibatches):  # near-equal minibatches
                 agent_step(actor, optimizer, [x[mb] for x in samples], args, logs)
         logratio = agent_logratio(actor, samples)
         log_update(logratio, args.clip_coef, logs)
@@ -360,12 +356,10 @@ def update_shared_actor(actor: nn.Module, optimizer, batch: tuple, args: Args, w
     order = list(range(num_agents)) if args.fixed_order else torch.randperm(num_agents).tolist()
     for epoch in range(args.update_epochs):
         factor = torch.ones(batch_size, device=b_advantages.device)
-        b_inds = torch.randperm(batch_size)
-        for start in range(0, batch_size, args.minibatch_size):
-            mb = b_inds[start : start + args.minibatch_size]
+        for mb_index, mb in enumerate(torch.randperm(batch_size).tensor_split(args.num_minibatches)):
             for k, agent in enumerate(order):
                 m_used = factor_used(factor, args.factor, args.factor_clip)
-                if epoch == args.update_epochs - 1 and start == 0:
+                if epoch == args.update_epochs - 1 and mb_index == 0:
                     log_factor(writer, k, factor, m_used * b_advantages, args.factor_clip, step)
                 actions = b_actions[:, agent, : actor.act_dim] if b_actions.dim() > 2 else b_actions[:, agent]
                 samples = (b_obs[:, agent], actions, b_logprobs[:, agent], b_advantages, m_used)
@@ -524,7 +518,6 @@ if __name__ == "__main__":
         evaluate_saved_model(args)
     checkpoint, args = (None, args) if args.resume is None else load_run(args.resume, args)  # the run's own flags
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if checkpoint is None else checkpoint["run_name"]  # a resumed run goes on in its own folder
@@ -625,9 +618,7 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: critic update on the normalized returns
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start : start + args.minibatch_size]
+            for mb_inds in torch.randperm(args.batch_size).tensor_split(args.num_minibatches):
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
                 v_loss = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef).mean()
                 gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)

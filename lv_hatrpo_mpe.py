@@ -104,8 +104,6 @@ class Args:
     # to be filled in runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
 
@@ -548,7 +546,6 @@ if __name__ == "__main__":
         evaluate_saved_model(args)
     checkpoint, args = (None, args) if args.resume is None else load_run(args.resume, args)  # the run's own flags
     args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = max(1, args.total_timesteps // args.batch_size)
     num_agents_tag = f"_n{args.num_agents or 3}" if args.env_id == "simple_spread_v3" else ""
     run_name = f"{args.env_id}{num_agents_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -647,9 +644,7 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: critic update on the normalized returns
         for epoch in range(args.critic_epochs):
-            b_inds = torch.randperm(args.batch_size)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start : start + args.minibatch_size]
+            for mb_inds in torch.randperm(args.batch_size).tensor_split(args.num_minibatches):
                 newvalue = critic(b_states[mb_inds]).squeeze(-1)
                 v_loss = critic_loss(newvalue, b_values[mb_inds], b_returns[mb_inds], args.clip_coef).mean()
                 gradient_step(critic_optimizer, v_loss, critic.parameters(), args.max_grad_norm, logs)

@@ -75,9 +75,7 @@ def batch(num_agents: int) -> tuple:
 
 def script_args(module, *flags: str):
     epochs = [] if module.__name__ == "lv_hatrpo_mpe" else ["--update-epochs", "2", "--num-minibatches", "2"]
-    args = parse(module, *epochs, *flags)
-    args.minibatch_size = BATCH // 2
-    return args
+    return parse(module, *epochs, *flags)
 
 
 def update(module, ratios: list, *flags: str) -> tuple:
@@ -89,6 +87,30 @@ def update(module, ratios: list, *flags: str) -> tuple:
     data = smac_batch(torch.ones(BATCH, len(ratios))) if smac else batch(len(ratios))
     module.update_actors(actors, *optimizers, data, args, writer, 0, logs)
     return writer, logs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_minibatches_of_an_epoch_split_the_batch_once_into_near_equal_parts(script, shared, monkeypatch):
+    module = importlib.import_module(script)
+    seen = []  # the advantages (1, -1, 2, -2: one per sample) of each step's minibatch
+
+    def step(actor, optimizer, samples, args, logs):
+        seen.append(sorted(samples[3].tolist()))
+        actor.steps += 1
+
+    monkeypatch.setattr(module, "agent_step", step)
+    args = script_args(module, "--num-minibatches", "3", "--fixed-order")  # 3 does not divide the 4 samples
+    logs = {name: [] for name in ("policy_loss", "entropy", "approx_kl", "clipfrac", "skipped_steps")}
+    if shared:
+        module.update_shared_actor(StandIn(1.0), None, batch(2), args, Writer(), 0, logs)
+    else:
+        module.update_actors([StandIn(1.0), StandIn(1.0)], [None, None], batch(2), args, Writer(), 0, logs)
+    assert len(seen) == 2 * 2 * 3  # agents x epochs x minibatches: no minibatch of the remainder
+    first_agent = seen[0::2] if shared else seen[:6]  # shared: the agents take turns on each minibatch
+    for epoch in (first_agent[:3], first_agent[3:]):
+        assert sorted(x for mb in epoch for x in mb) == [-2.0, -1.0, 1.0, 2.0]  # every sample once
+        assert sorted(map(len, epoch)) == [1, 1, 2]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -210,7 +232,6 @@ def test_smac_carries_the_factor_and_a_dead_agent_carries_a_ratio_of_1(factor, w
     alive[0, 0] = 0
     actors = [SMACStandIn(ratio) for ratio in (2.0, 0.25, 3.0)]
     args = script_args(module, "--factor", factor, "--fixed-order", "--num-minibatches", "1")
-    args.minibatch_size = BATCH
     logs = {"approx_kl": [], "clipfrac": []}
     module.update_actors(actors, [None] * 3, smac_batch(alive), args, Writer(), 0, logs)
     assert seen == [(agent, weights[agent]) for agent in range(3) for _ in range(2)]  # 2 epochs of 1 minibatch
@@ -250,8 +271,8 @@ def test_the_recurrent_script_carries_the_factor_over_the_whole_rollout(factor, 
     obs, avail, actions, logprobs, advantages, alive = (x[:, None] for x in smac_batch(alive))  # (T, E = 1, N, ...)
     starts, hidden = torch.zeros(BATCH, 1), torch.zeros(BATCH, 1, 3, 1)
     actors = [RecurrentStandIn(ratio) for ratio in (2.0, 0.25, 3.0)]
-    args = script_args(module, "--factor", factor, "--fixed-order", "--data-chunk-length", "2")
-    args.minibatch_size = 2  # both chunks in one minibatch
+    flags = ("--factor", factor, "--fixed-order", "--data-chunk-length", "2", "--num-minibatches", "1")
+    args = script_args(module, *flags)  # both chunks in one minibatch
     batch_ = (obs, avail.bool(), actions, logprobs, advantages, alive, starts, hidden)
     module.update_actors(actors, [None] * 3, batch_, args, Writer(), 0, {"approx_kl": [], "clipfrac": []})
     assert seen == [(agent, weights[agent]) for agent in range(3) for _ in range(2)]  # 2 epochs of 1 minibatch
